@@ -1,0 +1,1 @@
+"""The block graph: nodes, edges with permissions, the request path and BlockBackends."""

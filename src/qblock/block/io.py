@@ -1,0 +1,370 @@
+"""The generic request path every I/O passes before a driver (QEMU block/io.c).
+
+Checks bounds and read-only state, pads unaligned requests (read-modify-write under
+serialisation), tracks requests in flight, fires the write threshold, marks dirty bitmaps,
+keeps ``wr_highest_offset`` and emits the ``bdrv_co_*`` trace points.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from qblock import trace
+from qblock.block.graph import BdrvChild
+from qblock.block.node import BlockNode
+from qblock.drivers.base import BlockStatus, ReqFlags, Status
+from qblock.errors import InvalidArgument, NotSupported, ReadOnlyError
+
+# block/io.c BDRV_REQUEST_MAX_BYTES: requests stay below 2 GiB and aligned to 512.
+REQUEST_MAX_BYTES = 0x7FFFFE00
+MAX_ZERO_BUFFER = 1 << 20
+_ZEROES = bytes(MAX_ZERO_BUFFER)
+
+_t_preadv = trace.point("bdrv_co_preadv_part")
+_t_pwritev = trace.point("bdrv_co_pwritev_part")
+_t_zeroes = trace.point("bdrv_co_pwrite_zeroes")
+_t_discard = trace.point("bdrv_co_pdiscard")
+_t_flush = trace.point("bdrv_co_flush")
+_t_threshold = trace.point("bdrv_write_threshold")
+
+# Set by the monitor: called with (event name, data) for BLOCK_WRITE_THRESHOLD.
+event_hook: Callable[[str, dict[str, Any]], None] | None = None
+
+
+class TrackedRequest:
+    """A request in flight on a node (block/io.c BdrvTrackedRequest)."""
+
+    __slots__ = ("offset", "end", "serialising", "done")
+
+    def __init__(self, offset: int, length: int, serialising: bool) -> None:
+        self.offset = offset
+        self.end = offset + length
+        self.serialising = serialising
+        self.done = asyncio.Event()
+
+
+async def _track(node: BlockNode, offset: int, length: int, serialising: bool) -> TrackedRequest:
+    """Register a request and wait for earlier overlapping ones it must not race with."""
+    req = TrackedRequest(offset, length, serialising)
+    earlier = list(node.tracked)
+    node.tracked.append(req)
+    for other in earlier:
+        if ((serialising or other.serialising) and other.offset < req.end
+                and req.offset < other.end and not other.done.is_set()):
+            await other.done.wait()
+    return req
+
+
+def _untrack(node: BlockNode, req: TrackedRequest) -> None:
+    node.tracked.remove(req)
+    req.done.set()
+
+
+def check_request(offset: int, length: int) -> None:
+    """Reject negative or overflowing requests (block/io.c bdrv_check_request)."""
+    if offset < 0:
+        raise InvalidArgument(f"offset {offset} is negative")
+    if length < 0:
+        raise InvalidArgument(f"length {length} is negative")
+    if offset + length > (1 << 63) - 1:
+        raise InvalidArgument(f"request at {offset} of {length} bytes overflows")
+
+
+def _check_writable(node: BlockNode) -> None:
+    if node.read_only:
+        raise ReadOnlyError(f"Block node '{node.node_name}' is read-only")
+    if node.closed:
+        raise InvalidArgument(f"Block node '{node.node_name}' is closed")
+
+
+def _threshold_check(node: BlockNode, offset: int, length: int) -> None:
+    """block/write-threshold.c: one event when a write ends past the threshold, then disarm."""
+    threshold = node.write_threshold
+    if threshold and offset + length > threshold:
+        node.write_threshold = 0
+        data = {"node-name": node.node_name, "amount-exceeded": offset + length - threshold,
+                "write-threshold": threshold}
+        if _t_threshold.enabled:
+            _t_threshold(bs=node.node_name, **data)
+        if event_hook is not None:
+            event_hook("BLOCK_WRITE_THRESHOLD", data)
+
+
+def _write_done(node: BlockNode, offset: int, length: int, *, is_discard: bool = False) -> None:
+    if length:
+        if not is_discard and offset + length > node.wr_highest_offset:
+            node.wr_highest_offset = offset + length
+        for bitmap in node.dirty_bitmaps:
+            if bitmap.recording:
+                bitmap.set_range(offset, length)
+
+
+# -- reads ----------------------------------------------------------------------------------
+async def _aligned_preadv(node: BlockNode, offset: int, buf: memoryview, flags: ReqFlags) -> None:
+    """Read within the node; the part past its end reads as zeroes (bdrv_aligned_preadv)."""
+    total = node.length()
+    length = len(buf)
+    if offset + length <= total:
+        await node.drv.co_preadv(offset, buf, flags)
+        return
+    inside = max(0, total - offset)
+    if inside:
+        await node.drv.co_preadv(offset, buf[:inside], flags)
+    buf[inside:] = bytes(length - inside)
+
+
+async def node_preadv(node: BlockNode, offset: int, buf: memoryview,
+                      flags: ReqFlags = ReqFlags.NONE) -> None:
+    """Read ``len(buf)`` bytes at ``offset`` of ``node`` into ``buf``."""
+    length = len(buf)
+    check_request(offset, length)
+    if _t_preadv.enabled:
+        _t_preadv(bs=node.node_name, offset=offset, bytes=length, flags=int(flags))
+    if not length:
+        return
+    align = node.request_alignment
+    node.in_flight += 1
+    try:
+        if offset % align == 0 and length % align == 0:
+            await _aligned_preadv(node, offset, buf, flags)
+            return
+        start = offset - offset % align
+        end = -(-(offset + length) // align) * align
+        bounce = bytearray(end - start)
+        await _aligned_preadv(node, start, memoryview(bounce), flags)
+        buf[:] = bounce[offset - start:offset - start + length]
+    finally:
+        node.in_flight -= 1
+
+
+async def preadv(child: BdrvChild, offset: int, buf: memoryview,
+                 flags: ReqFlags = ReqFlags.NONE) -> None:
+    """Read through an edge (bdrv_co_preadv)."""
+    await node_preadv(child.node, offset, buf, flags)
+
+
+async def pread(child: BdrvChild, offset: int, length: int) -> bytearray:
+    """Read ``length`` bytes into a new buffer."""
+    buf = bytearray(length)
+    await node_preadv(child.node, offset, memoryview(buf))
+    return buf
+
+
+# -- writes ---------------------------------------------------------------------------------
+async def _padded_write(node: BlockNode, offset: int, data: memoryview, flags: ReqFlags) -> None:
+    """Read-modify-write the aligned span around an unaligned write."""
+    align = node.request_alignment
+    start = offset - offset % align
+    end = -(-(offset + len(data)) // align) * align
+    bounce = bytearray(end - start)
+    view = memoryview(bounce)
+    await _aligned_preadv(node, start, view, ReqFlags.NONE)
+    view[offset - start:offset - start + len(data)] = data
+    await node.drv.co_pwritev(start, view, flags)
+
+
+def is_zero(data: memoryview) -> bool:
+    """True when every byte of ``data`` is zero (detect-zeroes, sparse detection)."""
+    return not np.frombuffer(data, dtype=np.uint8).any()
+
+
+async def node_pwritev(node: BlockNode, offset: int, data: memoryview,
+                       flags: ReqFlags = ReqFlags.NONE) -> None:
+    """Write ``data`` at ``offset`` of ``node`` (bdrv_co_pwritev)."""
+    length = len(data)
+    check_request(offset, length)
+    _check_writable(node)
+    if _t_pwritev.enabled:
+        _t_pwritev(bs=node.node_name, offset=offset, bytes=length, flags=int(flags))
+    if not length:
+        return
+    if node.detect_zeroes != "off" and is_zero(data):
+        zflags = flags | (ReqFlags.MAY_UNMAP if node.detect_zeroes == "unmap" else 0)
+        await node_pwrite_zeroes(node, offset, length, zflags)
+        return
+    align = node.request_alignment
+    aligned = offset % align == 0 and length % align == 0
+    node.in_flight += 1
+    req = await _track(node, offset, length, serialising=not aligned)
+    try:
+        _threshold_check(node, offset, length)
+        if aligned:
+            await node.drv.co_pwritev(offset, data, flags)
+        else:
+            await _padded_write(node, offset, data, flags)
+        _write_done(node, offset, length)
+    finally:
+        _untrack(node, req)
+        node.in_flight -= 1
+
+
+async def pwritev(child: BdrvChild, offset: int, data: memoryview | bytes | bytearray,
+                  flags: ReqFlags = ReqFlags.NONE) -> None:
+    """Write through an edge (bdrv_co_pwritev)."""
+    await node_pwritev(child.node, offset, memoryview(data).cast("B"), flags)
+
+
+async def _write_zero_buffers(node: BlockNode, offset: int, length: int, flags: ReqFlags) -> None:
+    flags &= ~(ReqFlags.MAY_UNMAP | ReqFlags.NO_FALLBACK)
+    end = offset + length
+    while offset < end:
+        n = min(end - offset, MAX_ZERO_BUFFER)
+        await node.drv.co_pwritev(offset, memoryview(_ZEROES)[:n], flags)
+        offset += n
+
+
+async def node_pwrite_zeroes(node: BlockNode, offset: int, length: int,
+                             flags: ReqFlags = ReqFlags.NONE) -> None:
+    """Make a range read as zeroes, without writing data where the driver can (write -z)."""
+    check_request(offset, length)
+    _check_writable(node)
+    if _t_zeroes.enabled:
+        _t_zeroes(bs=node.node_name, offset=offset, bytes=length, flags=int(flags))
+    if not length:
+        return
+    align = node.request_alignment
+    node.in_flight += 1
+    req = await _track(node, offset, length, serialising=bool(offset % align or length % align))
+    try:
+        _threshold_check(node, offset, length)
+        head = -offset % align
+        mid_start = offset + head
+        mid_end = (offset + length) - (offset + length) % align
+        if mid_end <= mid_start:
+            await _padded_write(node, offset, memoryview(bytes(length)), flags)
+        else:
+            if head:
+                await _padded_write(node, offset, memoryview(bytes(head)), flags)
+            try:
+                await node.drv.co_pwrite_zeroes(mid_start, mid_end - mid_start, flags)
+            except NotSupported:
+                if flags & ReqFlags.NO_FALLBACK:
+                    raise
+                await _write_zero_buffers(node, mid_start, mid_end - mid_start, flags)
+            if mid_end < offset + length:
+                await _padded_write(node, mid_end, memoryview(bytes(offset + length - mid_end)),
+                                    flags)
+        _write_done(node, offset, length)
+    finally:
+        _untrack(node, req)
+        node.in_flight -= 1
+
+
+async def pwrite_zeroes(child: BdrvChild, offset: int, length: int,
+                        flags: ReqFlags = ReqFlags.NONE) -> None:
+    await node_pwrite_zeroes(child.node, offset, length, flags)
+
+
+async def node_pdiscard(node: BlockNode, offset: int, length: int) -> None:
+    """Discard a range; unaligned head and tail are left alone (bdrv_co_pdiscard)."""
+    check_request(offset, length)
+    _check_writable(node)
+    if _t_discard.enabled:
+        _t_discard(bs=node.node_name, offset=offset, bytes=length)
+    align = node.request_alignment
+    start = -(-offset // align) * align
+    end = (offset + length) - (offset + length) % align
+    if not length:
+        return
+    node.in_flight += 1
+    req = await _track(node, offset, length, serialising=False)
+    try:
+        _threshold_check(node, offset, length)
+        if end > start:
+            await node.drv.co_pdiscard(start, end - start)
+        _write_done(node, offset, length, is_discard=True)
+    finally:
+        _untrack(node, req)
+        node.in_flight -= 1
+
+
+async def pdiscard(child: BdrvChild, offset: int, length: int) -> None:
+    await node_pdiscard(child.node, offset, length)
+
+
+async def flush(node: BlockNode) -> None:
+    """Flush a node and everything below it (bdrv_co_flush)."""
+    if _t_flush.enabled:
+        _t_flush(bs=node.node_name)
+    if node.closed:
+        return
+    await node.drv.co_flush_to_os()
+    if not node.cache_no_flush:
+        await node.drv.co_flush_to_disk()
+    for edge in list(node.children.values()):
+        await flush(edge.node)
+
+
+async def truncate(child: BdrvChild, length: int, *, exact: bool = True,
+                   prealloc: str = "off") -> None:
+    """Resize a node (bdrv_co_truncate)."""
+    node = child.node
+    if length < 0:
+        raise InvalidArgument("Image size cannot be negative")
+    _check_writable(node)
+    await node.drv.co_truncate(length, exact, prealloc)
+
+
+# -- block status ---------------------------------------------------------------------------
+async def block_status(node: BlockNode, offset: int, length: int) -> BlockStatus:
+    """Status of the range from ``offset`` in ``node`` alone (bdrv_co_block_status)."""
+    total = node.length()
+    if offset >= total:
+        return BlockStatus(Status.EOF, 0)
+    length = min(length, total - offset)
+    if length == 0:
+        return BlockStatus(Status.NONE, 0)
+    st = await node.drv.co_block_status(offset, length)
+    status, pnum = st.status, max(min(st.pnum, length), 0)
+    if status & Status.RAW:
+        assert st.file is not None
+        inner = await block_status(st.file, st.map, pnum)
+        status, pnum = inner.status & ~Status.EOF, inner.pnum or pnum
+        st = BlockStatus(status, pnum, inner.map, inner.file)
+    else:
+        if status & (Status.DATA | Status.ZERO):
+            status |= Status.ALLOCATED
+        elif node.drv.supports_backing:
+            cow = node.cow_child()
+            if cow is None or offset >= cow.node.length():
+                status |= Status.ZERO
+        if (status & Status.RECURSE and st.file is not None and st.file is not node
+                and status & Status.DATA and not status & Status.ZERO
+                and status & Status.OFFSET_VALID):
+            inner = await block_status(st.file, st.map, pnum)
+            if inner.status & Status.EOF and (not inner.pnum or inner.status & Status.ZERO):
+                status |= Status.ZERO
+            else:
+                pnum = inner.pnum
+                status |= inner.status & Status.ZERO
+        st = BlockStatus(status & ~Status.RECURSE, pnum, st.map, st.file)
+    if offset + st.pnum == total:
+        st = BlockStatus(st.status | Status.EOF, st.pnum, st.map, st.file)
+    return st
+
+
+async def block_status_above(node: BlockNode, base: BlockNode | None, offset: int,
+                             length: int) -> tuple[BlockStatus, int]:
+    """Status through the chain from ``node`` down to (excluding) ``base``.
+
+    Returns the status and the depth of the layer that decided it: 1 for ``node`` itself,
+    0 when nothing above ``base`` allocates the range (bdrv_co_common_block_status_above).
+    """
+    depth = 1
+    current: BlockNode | None = node
+    while current is not None and current is not base:
+        st = await block_status(current, offset, length)
+        if st.status & Status.ALLOCATED or st.pnum == 0:
+            return st, depth
+        length = st.pnum
+        edge = current.cow_child() or current.filtered_child()
+        if edge is None:
+            return st, 0
+        if offset >= edge.node.length():
+            return BlockStatus(st.status | Status.ZERO, st.pnum), 0
+        current = edge.node
+        depth += 1
+    return BlockStatus(Status.NONE, length), 0

@@ -1,0 +1,1 @@
+"""Command-line tools: ``qblock img``, ``qblock io``, ``qblock daemon``, ``qblock ctl``, ..."""

@@ -1,0 +1,41 @@
+"""The ``qblock`` console script: one entry point, a sub-command per tool.
+
+Each sub-command module exposes ``main(argv: list[str]) -> int`` and parses its own options,
+so each tool keeps the command line of the QEMU tool it stands in for.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from qblock import __version__
+
+SUBCOMMANDS = {
+    "demo": ("qblock.cli.demo", "write, read and trace a scratch image through the block graph"),
+}
+
+
+def usage() -> str:
+    lines = [f"qblock {__version__} - QEMU's block layer in Python", "",
+             "usage: qblock COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 1
+    if argv[0] in ("-V", "--version"):
+        print(f"qblock {__version__}")
+        return 0
+    entry = SUBCOMMANDS.get(argv[0])
+    if entry is None:
+        print(f"qblock: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
+        return 1
+    return importlib.import_module(entry[0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The ``file`` protocol driver (block/file-posix.c): a regular file or block device.
+
+Data moves with os.preadv/os.pwritev on a thread pool (QEMU's aio=threads), so the GIL is
+released while the kernel copies.  ``cache.direct=on`` opens with O_DIRECT and bounces through
+page-aligned buffers.  Image locking uses OFD locks on the bytes QEMU uses, so qblock and QEMU
+processes see each other's locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from qblock import trace
+from qblock.block.perm import PERM_NAMES, Perm
+from qblock.drivers.base import BlockDriver, BlockStatus, ReqFlags, Status
+from qblock.errors import InvalidArgument, LockError, NotSupported, QBlockError
+
+# file-posix.c: a shared lock on byte 100+bit for each permission taken, on byte 200+bit for
+# each permission not shared.
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+# linux/falloc.h
+FALLOC_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+FALLOC_ZERO_RANGE = 0x10
+_FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on Linux x86-64/aarch64
+
+_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="qblock-io")
+
+_t_preadv = trace.point("file_co_preadv")
+_t_pwritev = trace.point("file_co_pwritev")
+
+
+def thread_pool() -> ThreadPoolExecutor:
+    """The worker pool of blocking I/O calls (QEMU's thread-pool.c, 64 workers)."""
+    return _pool
+
+
+async def run_in_pool(fn: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
+
+
+def _os_error(e: OSError, what: str) -> QBlockError:
+    return QBlockError(f"{what}: {os.strerror(e.errno or errno.EIO)}", errno=e.errno or errno.EIO)
+
+
+class _Locks:
+    """OFD byte locks of one file descriptor (file-posix.c raw_apply_lock_bytes)."""
+
+    def __init__(self, fd: int, filename: str) -> None:
+        self.fd = fd
+        self.filename = filename
+        self.held: set[int] = set()
+
+    def _fcntl(self, cmd: int, ltype: int, byte: int) -> int:
+        res = fcntl.fcntl(self.fd, cmd, _FLOCK.pack(ltype, os.SEEK_SET, byte, 1, 0))
+        return _FLOCK.unpack(res)[0]
+
+    def wanted(self, perm: Perm, shared: Perm) -> set[int]:
+        out = set()
+        for bit in PERM_NAMES:
+            i = bit.bit_length() - 1
+            if perm & bit:
+                out.add(LOCK_PERM_BASE + i)
+            if not shared & bit:
+                out.add(LOCK_SHARED_BASE + i)
+        return out
+
+    def apply(self, want: set[int]) -> None:
+        """Take read locks on ``want`` and release the other bytes we held."""
+        for byte in sorted(want - self.held):
+            try:
+                self._fcntl(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
+            except OSError as e:
+                raise self._lock_error(byte, e) from None
+            self.held.add(byte)
+        for byte in sorted(self.held - want):
+            self._fcntl(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
+            self.held.discard(byte)
+
+    def check(self, perm: Perm, shared: Perm) -> None:
+        """Fail if another process unshares what we take, or takes what we unshare."""
+        for bit, name in PERM_NAMES.items():
+            i = bit.bit_length() - 1
+            if perm & bit and self._taken(LOCK_SHARED_BASE + i):
+                raise LockError(f'Failed to get "{name}" lock\n'
+                                f"Is another process using the image [{self.filename}]?")
+            if not shared & bit and self._taken(LOCK_PERM_BASE + i):
+                raise LockError(f'Failed to get shared "{name}" lock\n'
+                                f"Is another process using the image [{self.filename}]?")
+
+    def _taken(self, byte: int) -> bool:
+        return self._fcntl(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
+
+    def _lock_error(self, byte: int, e: OSError) -> LockError:
+        names = list(PERM_NAMES.values())
+        name = names[(byte - LOCK_PERM_BASE) % 100]
+        return LockError(f'Failed to lock byte {byte} ("{name}"): {os.strerror(e.errno or 0)}')
+
+
+class FileDriver(BlockDriver):
+    """Protocol driver for POSIX files (driver name ``file``)."""
+
+    format_name = "file"
+    is_protocol = True
+
+    async def open(self, node: Any, options: dict[str, Any]) -> None:
+        await super().open(node, options)
+        filename = options.pop("filename", None)
+        if not filename:
+            raise InvalidArgument("Parameter 'filename' is missing")
+        self.filename = str(filename)
+        self.aio = options.pop("aio", "threads")
+        if self.aio not in ("threads", "native", "io_uring"):
+            raise InvalidArgument(f"Parameter 'aio' does not accept value '{self.aio}'")
+        locking = options.pop("locking", "auto")
+        if locking not in ("auto", "on", "off"):
+            raise InvalidArgument(f"Parameter 'locking' does not accept value '{locking}'")
+        for key in ("aio-max-batch", "drop-cache", "pr-manager", "x-check-cache-dropped"):
+            options.pop(key, None)
+        flags = os.O_RDONLY if node.read_only else os.O_RDWR
+        flags |= os.O_CLOEXEC
+        if node.cache_direct:
+            flags |= os.O_DIRECT
+        try:
+            self.fd = await run_in_pool(os.open, self.filename, flags)
+        except OSError as e:
+            raise QBlockError(f"Could not open '{self.filename}': {os.strerror(e.errno or 0)}",
+                              errno=e.errno or errno.EIO) from None
+        st = os.fstat(self.fd)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        self.size = self._query_size()
+        node.filename = self.filename
+        node.request_alignment = 512 if node.cache_direct else 1
+        self.locks = _Locks(self.fd, self.filename) if locking != "off" else None
+        self._lock_backup: set[int] | None = None
+
+    def _query_size(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    def getlength(self) -> int:
+        return self.size
+
+    async def close(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)  # closing the fd drops its OFD locks
+            self.fd = -1
+
+    # -- permissions -> locks ----------------------------------------------------------------
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        if self.locks is None:
+            return
+        self._lock_backup = set(self.locks.held)
+        self.locks.apply(self.locks.held | self.locks.wanted(perm, shared))
+        self.locks.check(perm, shared)
+
+    def abort_perm(self) -> None:
+        if self.locks is not None and self._lock_backup is not None:
+            self.locks.apply(self._lock_backup)
+            self._lock_backup = None
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        if self.locks is not None:
+            self.locks.apply(self.locks.wanted(perm, shared))
+            self._lock_backup = None
+
+    def reopen_read_only(self, read_only: bool) -> None:
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if self.node.cache_direct:
+            flags |= os.O_DIRECT
+        fd = os.open(self.filename, flags)
+        old, self.fd = self.fd, fd
+        if self.locks is not None:
+            held = set(self.locks.held)
+            self.locks = _Locks(fd, self.filename)
+            self.locks.apply(held)
+        os.close(old)
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def _direct_read(self, offset: int, buf: memoryview) -> int:
+        if not self.node.cache_direct or _aligned(buf):
+            return os.preadv(self.fd, [buf], offset)
+        with mmap.mmap(-1, len(buf)) as bounce:
+            n = os.preadv(self.fd, [bounce], offset)
+            buf[:n] = bounce[:n]
+            return n
+
+    def _read_full(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = self._direct_read(offset + done, buf[done:])
+            if n == 0:  # past EOF reads as zeroes
+                buf[done:] = bytes(len(buf) - done)
+                return
+            done += n
+
+    def _write_full(self, offset: int, data: memoryview) -> None:
+        if self.node.cache_direct and not _aligned(data):
+            with mmap.mmap(-1, len(data)) as bounce:
+                bounce[:] = data
+                self._write_all(offset, memoryview(bounce))
+            return
+        self._write_all(offset, data)
+
+    def _write_all(self, offset: int, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwritev(self.fd, [data[done:]], offset + done)
+
+    async def co_preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
+        if _t_preadv.enabled:
+            _t_preadv(filename=self.filename, offset=offset, bytes=len(buf))
+        try:
+            await run_in_pool(self._read_full, offset, buf)
+        except OSError as e:
+            raise _os_error(e, f"read at {offset} of '{self.filename}'") from None
+
+    async def co_pwritev(self, offset: int, data: memoryview, flags: ReqFlags) -> None:
+        if _t_pwritev.enabled:
+            _t_pwritev(filename=self.filename, offset=offset, bytes=len(data))
+        try:
+            await run_in_pool(self._write_full, offset, data)
+            if flags & ReqFlags.FUA:
+                await run_in_pool(os.fdatasync, self.fd)
+        except OSError as e:
+            raise _os_error(e, f"write at {offset} of '{self.filename}'") from None
+        if offset + len(data) > self.size:
+            self.size = offset + len(data)
+
+    async def co_pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
+        """Punch a hole (may-unmap) or zero the range in place (fallocate)."""
+        mode = FALLOC_PUNCH_HOLE if flags & ReqFlags.MAY_UNMAP else FALLOC_ZERO_RANGE
+        if offset + length > self.size:
+            mode = FALLOC_ZERO_RANGE  # growing the file: a hole punch would not extend it
+        try:
+            await run_in_pool(_fallocate, self.fd, mode, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise NotSupported("fallocate not supported") from None
+            raise _os_error(e, f"zero write at {offset} of '{self.filename}'") from None
+        if offset + length > self.size:
+            self.size = offset + length
+
+    async def co_pdiscard(self, offset: int, length: int) -> None:
+        try:
+            await run_in_pool(_fallocate, self.fd, FALLOC_PUNCH_HOLE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise _os_error(e, f"discard at {offset} of '{self.filename}'") from None
+
+    async def co_flush_to_disk(self) -> None:
+        try:
+            await run_in_pool(os.fdatasync, self.fd)
+        except OSError as e:
+            raise _os_error(e, f"flush of '{self.filename}'") from None
+
+    async def co_truncate(self, length: int, exact: bool, prealloc: str) -> None:
+        if self.is_block_device:
+            if length > self.size:
+                raise NotSupported("Cannot grow device files")
+            return
+        if prealloc not in ("off", "falloc", "full", "metadata"):
+            raise InvalidArgument(f"Unsupported preallocation mode '{prealloc}'")
+        old = self.size
+        if not exact and length <= old:
+            return
+        try:
+            await run_in_pool(os.ftruncate, self.fd, length)
+            if length > old and prealloc == "falloc":
+                await run_in_pool(os.posix_fallocate, self.fd, old, length - old)
+            elif length > old and prealloc == "full":
+                await run_in_pool(self._write_all, old, memoryview(bytes(length - old)))
+        except OSError as e:
+            raise _os_error(e, f"Could not resize file '{self.filename}'") from None
+        self.size = length
+
+    async def co_block_status(self, offset: int, length: int) -> BlockStatus:
+        """SEEK_DATA/SEEK_HOLE (file-posix.c find_allocation)."""
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after offset: a hole to EOF
+                return BlockStatus(Status.ZERO | Status.OFFSET_VALID, length, offset, self.node)
+            return BlockStatus(Status.DATA | Status.OFFSET_VALID, length, offset, self.node)
+        if data > offset:
+            return BlockStatus(Status.ZERO | Status.OFFSET_VALID, min(length, data - offset),
+                               offset, self.node)
+        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        return BlockStatus(Status.DATA | Status.OFFSET_VALID, min(length, max(hole - offset, 1)),
+                           offset, self.node)
+
+    def allocated_file_size(self) -> int | None:
+        return os.fstat(self.fd).st_blocks * 512
+
+
+def _aligned(buf: memoryview) -> bool:
+    """Whether O_DIRECT can use ``buf`` as it is (page-aligned address, sector-sized)."""
+    if buf.readonly or len(buf) % 512:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % 4096 == 0
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, ctypes.c_int(mode), ctypes.c_int64(offset), ctypes.c_int64(length)):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
