@@ -133,10 +133,11 @@ def parse_keyval(text: str, implied_key: str | None = None) -> dict:
         end = _UNTIL_SEP.match(text, pos).end()
         element = text[pos:end]
         at_eq = text.startswith("=", end)
-        if element and not at_eq and element in _HELP:
+        bare = bool(element) and not at_eq
+        if bare and element in _HELP:
             help_wanted = True
             pos = end + 1
-        elif element and not at_eq and implied_key is not None:
+        elif bare and implied_key is not None:
             _put(root, _split_key(implied_key), element)
             pos = end + 1
         else:
@@ -179,25 +180,24 @@ def _json_int(text: str) -> int | float:
 
 
 def _json_constant(name: str) -> Any:
+    """Reject NaN and Infinity, which QEMU's JSON lexer does not know."""
     raise KeyvalError(f"JSON parse error, invalid keyword '{name}'")
 
 
 def parse_option_arg(text: str, implied_key: str | None = None) -> dict:
     """Parse an option argument: JSON if it starts with '{', else keyval.
 
-    Mirrors qobject_input_visitor_new_str().  JSON values keep their JSON types; QEMU's
-    extension of single-quoted strings is accepted.  The JSON must be an object.
+    Mirrors qobject_input_visitor_new_str(): only a first character '{' selects JSON, so
+    JSON arrays or scalars are rejected by the keyval parser.  JSON values keep their JSON
+    types; QEMU's extension of single-quoted strings is accepted.
     """
     if not text.startswith("{"):
         return parse_keyval(text, implied_key)
     try:
-        value = json.loads(_JSON_STRING.sub(_requote, text), object_pairs_hook=_json_pairs,
-                           parse_int=_json_int, parse_constant=_json_constant)
+        return json.loads(_JSON_STRING.sub(_requote, text), object_pairs_hook=_json_pairs,
+                          parse_int=_json_int, parse_constant=_json_constant)
     except json.JSONDecodeError as exc:
         raise KeyvalError(f"JSON parse error, {exc}") from None
-    if not isinstance(value, dict):
-        raise KeyvalError("JSON option argument must be an object")
-    return value
 
 
 def format_keyval(options: dict) -> str:
