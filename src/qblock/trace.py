@@ -113,6 +113,11 @@ def add_sink(sink: Sink) -> None:
     _refresh()
 
 
+def has_sinks() -> bool:
+    """Whether any output is configured."""
+    return bool(_sinks)
+
+
 def remove_sink(sink: Sink) -> None:
     _sinks.remove(sink)
     _refresh()
@@ -122,6 +127,7 @@ def configure(option: str, *, json_output: bool = False, stream: TextIO | None =
     """Apply one QEMU ``--trace`` argument: ``[enable=]PATTERN``, ``events=FILE``, ``file=FILE``.
 
     The events file holds one pattern per line; '#' starts a comment (QEMU's trace/control.c).
+    qblock adds ``format=log|json`` to choose the output form.
     """
     parts = option.split(",")
     target = stream
@@ -138,6 +144,8 @@ def configure(option: str, *, json_output: bool = False, stream: TextIO | None =
                     line = line.split("#", 1)[0].strip()
                     if line:
                         patterns.append(line)
+        elif key == "format" and value in ("log", "json"):
+            json_output = value == "json"
         elif key == "file":
             target = open(value, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives on
         else:

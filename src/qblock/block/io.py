@@ -10,8 +10,6 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from qblock import trace
 from qblock.block.graph import BdrvChild
 from qblock.block.node import BlockNode
@@ -168,6 +166,8 @@ async def _padded_write(node: BlockNode, offset: int, data: memoryview, flags: R
 
 def is_zero(data: memoryview) -> bool:
     """True when every byte of ``data`` is zero (detect-zeroes, sparse detection)."""
+    import numpy as np  # imported on first use: it doubles the start-up time of every tool
+
     return not np.frombuffer(data, dtype=np.uint8).any()
 
 

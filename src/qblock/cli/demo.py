@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     with qblock.open(path, driver="raw") as disk:
         print(f"graph: BlockBackend -root-> {disk.node.node_name} (raw) "
               f"-file-> {disk.node.file.node.node_name} (file)")
-        trace.add_sink(trace.log_sink(sys.stdout))
+        if not trace.has_sinks():
+            trace.add_sink(trace.log_sink(sys.stdout))
         trace.enable("blk_co_*")
         trace.enable("bdrv_co_*")
         trace.enable("file_co_*")

@@ -8,16 +8,18 @@ from __future__ import annotations
 import importlib
 import sys
 
-from qblock import __version__
+from qblock import __version__, trace
 
 SUBCOMMANDS = {
     "demo": ("qblock.cli.demo", "write, read and trace a scratch image through the block graph"),
+    "img": ("qblock.cli.img", "qemu-img: create, info, map, check, compare"),
 }
 
 
 def usage() -> str:
     lines = [f"qblock {__version__} - QEMU's block layer in Python", "",
-             "usage: qblock COMMAND [ARGS...]", "", "commands:"]
+             "usage: qblock [-T|--trace [enable=]PATTERN|events=FILE|file=FILE|format=json]... "
+             "COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<8} {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -27,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 1
+    trace_options = []
+    while argv and (argv[0] in ("-T", "--trace") or argv[0].startswith("--trace=")):
+        opt = argv.pop(0)
+        trace_options.append(opt.split("=", 1)[1] if "=" in opt else (argv.pop(0) if argv else ""))
+    if trace_options:
+        trace.configure(",".join(trace_options))
+    if not argv:
+        print(usage())
+        return 1
     if argv[0] in ("-V", "--version"):
         print(f"qblock {__version__}")
         return 0

@@ -1,0 +1,128 @@
+"""The bench/ harness runs end to end, so it cannot rot.  Not a timed test: no speed asserted."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench.cli import parse_size  # noqa: E402
+from bench.scenarios import load_all  # noqa: E402
+from bench.workload import (  # noqa: E402
+    Workload,
+    qemu_img_bench_argv,
+    qemu_io_batches,
+    qemu_io_command,
+    sequential,
+)
+
+SIZE = 8 << 20
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"),
+                                                      env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+def test_one_round_of_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--rounds", "1", "--size", "8M", "--dir", str(work),
+         "--json", str(out)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio = QEMU time / qblock time" in proc.stdout
+
+    doc = json.loads(out.read_text())
+    assert doc["harness"]["rounds"] == 1
+    scenarios = doc["scenarios"]
+    assert set(scenarios) == set(load_all())
+    for name, res in scenarios.items():
+        assert "error" not in res, name
+        assert res["size"] == SIZE
+        for side in ("qblock", "qemu"):
+            (rnd,) = res[side]["rounds"]
+            assert rnd["seconds"] > 0 and res[side]["median_s"] == rnd["seconds"]
+            assert rnd["amount"] > 0
+            assert "net" in rnd and "median_net_s" in res[side]
+        assert res["ratio_wall"] == pytest.approx(res["qemu"]["median_s"]
+                                                 / res["qblock"]["median_s"])
+        assert "ratio" in res  # net ratio: None when a net time is not positive at tiny sizes
+        assert {r["position"] for s in ("qblock", "qemu") for r in res[s]["rounds"]} == {0, 1}
+        if res["unit"] == "MiB/s":
+            assert res["qblock"]["rounds"][0]["detail"]["bytes"] == SIZE
+    assert not any(work.iterdir()), "teardown left files behind"
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
+def test_write_scenario_leaves_its_pattern_in_the_image(tmp_path: Path) -> None:
+    """Both sides really write: setup's 0x5a bytes end up all 0xa5, and --keep keeps them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "raw-seq-write", "--rounds", "1",
+         "--size", "3M", "--dir", str(tmp_path), "--keep", "--json", str(tmp_path / "o.json")],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    data = (tmp_path / "raw-seq-write" / "image.raw").read_bytes()
+    assert data == b"\xa5" * (3 << 20)
+    assert (tmp_path / "raw-seq-write" / "run.spec.json").exists()
+
+
+def test_unknown_scenario_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "no-such-scenario",
+                           "--json", str(tmp_path / "x.json")],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert "unknown scenario(s): no-such-scenario" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_qemu_io_commands_split_to_fit_the_command_line() -> None:
+    ops = sequential("write", 10 << 20, 1 << 20, 0xA5) + [("flush", 0, 0, 0)]
+    assert qemu_io_command(ops[1]) == "write -q -P 0xa5 1048576 1048576"
+    assert qemu_io_command(("read", 0, 512, 0)) == "read -q 0 512"
+    batches = qemu_io_batches(ops, budget=100)
+    assert len(batches) > 1
+    assert all(sum(len(c) + 4 for c in b) <= 100 for b in batches)
+    assert [c for b in batches for c in b] == [qemu_io_command(op) for op in ops]
+    assert qemu_io_batches(ops) == [[qemu_io_command(op) for op in ops]]
+
+
+def test_qemu_img_bench_expresses_only_sequential_workloads() -> None:
+    image = Path("x.raw")
+    writes = Workload(image, "raw", sequential("write", 4 << 20, 1 << 20, 0xA5)
+                      + [("flush", 0, 0, 0)])
+    assert qemu_img_bench_argv(writes) == [
+        "qemu-img", "bench", "-f", "raw", "-t", "writeback", "-d", "1", "-c", "4",
+        "-s", "1048576", "-w", "--pattern=165", "--flush-interval=4", "x.raw"]
+    assert "-c" in (argv := qemu_img_bench_argv(writes, empty=True))
+    assert argv[argv.index("-c") + 1] == "0" and "--flush-interval=0" not in " ".join(argv)
+    reads = Workload(image, "raw", sequential("read", 2 << 20, 1 << 20), read_only=True)
+    assert "-w" not in qemu_img_bench_argv(reads)
+    for bad in ([("read", 1 << 20, 1 << 20, 0)],                      # not from offset 0
+                sequential("read", 1536, 1024),                       # ragged last request
+                [("read", 0, 512, 0), ("write", 512, 512, 1)]):       # mixed kinds
+        with pytest.raises(ValueError):
+            qemu_img_bench_argv(Workload(image, "raw", bad))
+
+
+def test_sequential_covers_the_image_once() -> None:
+    ops = sequential("read", 5 * 1024 + 100, 1024)
+    assert [(o[1], o[2]) for o in ops] == [(i * 1024, 1024) for i in range(5)] + [(5120, 100)]
+
+
+def test_sizes_parse_like_qemu_img() -> None:
+    assert parse_size("8M") == 8 << 20
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("4096") == 4096
+    assert parse_size("1.5k") == 1536
