@@ -42,7 +42,7 @@ class BlockBackend:
             return self._desc
         if self.name:
             return f"block device '{self.name}'"
-        return "a block device"
+        return "an unnamed block device"
 
     def child_perms(self, child: BdrvChild) -> tuple[Perm, Perm]:
         return child.perm, child.shared
@@ -100,6 +100,8 @@ class BlockBackend:
                             io.preadv(self.edge, offset, buf, flags))
 
     async def pread(self, offset: int, length: int) -> bytearray:
+        if length < 0:
+            self._check(AcctType.READ, offset, length)  # refuse before allocating a buffer
         buf = bytearray(length)
         await self.preadv(offset, memoryview(buf))
         return buf

@@ -67,7 +67,9 @@ def _conflict_message(node: BlockNode, a: BdrvChild, b: BdrvChild, perms: Perm) 
 
 
 def _check_parents(node: BlockNode, new: dict[BdrvChild, tuple[Perm, Perm]]) -> None:
-    edges = node.parents
+    # block.c bdrv_parent_perms_conflict() walks bs->parents, where every new edge is inserted
+    # at the head; walking newest first names the same users in the same roles as QEMU.
+    edges = node.parents[::-1]
     for a in edges:
         _, a_shared = new.get(a, (a.perm, a.shared))
         for b in edges:

@@ -38,10 +38,10 @@ class NodeRegistry:
         self._counter = 0
 
     def implicit_name(self) -> str:
-        """QEMU's generated names: ``#block`` + a counter + two random digits (util/id.c)."""
+        """QEMU's generated names: ``#block``, a counter from 0, two random digits (util/id.c)."""
         while True:
-            self._counter += 1
             name = f"#block{self._counter}{random.randrange(100):02d}"
+            self._counter += 1
             if name not in self.nodes:
                 return name
 

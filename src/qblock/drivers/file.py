@@ -87,13 +87,17 @@ class _Locks:
             self.held.discard(byte)
 
     def check(self, perm: Perm, shared: Perm) -> None:
-        """Fail if another process unshares what we take, or takes what we unshare."""
+        """Fail if another process unshares what we take, or takes what we unshare.
+
+        file-posix.c raw_check_lock_bytes(): every permission taken is checked before any
+        permission unshared, so the first error names the same lock as QEMU's.
+        """
         for bit, name in PERM_NAMES.items():
-            i = bit.bit_length() - 1
-            if perm & bit and self._taken(LOCK_SHARED_BASE + i):
+            if perm & bit and self._taken(LOCK_SHARED_BASE + bit.bit_length() - 1):
                 raise LockError(f'Failed to get "{name}" lock\n'
                                 f"Is another process using the image [{self.filename}]?")
-            if not shared & bit and self._taken(LOCK_PERM_BASE + i):
+        for bit, name in PERM_NAMES.items():
+            if not shared & bit and self._taken(LOCK_PERM_BASE + bit.bit_length() - 1):
                 raise LockError(f'Failed to get shared "{name}" lock\n'
                                 f"Is another process using the image [{self.filename}]?")
 

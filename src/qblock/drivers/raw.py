@@ -68,4 +68,13 @@ class RawDriver(BlockDriver):
         await io.truncate(self.file, length, exact=exact, prealloc=prealloc)
 
     def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
-        return self.node.default_child_perms(edge, perm, shared)
+        """raw_child_perm(): the defaults, but WRITE and RESIZE only if the parent takes them.
+
+        A window (offset/size) is a DATA child, for which the defaults add RESIZE to WRITE;
+        raw never grows its file on its own, so it drops what its parents did not ask for.
+        """
+        child_perm, child_shared = self.node.default_child_perms(edge, perm, shared)
+        if edge.role & Role.DATA:
+            wr = Perm.WRITE | Perm.RESIZE
+            child_perm = (child_perm & ~wr) | (perm & wr)
+        return child_perm, child_shared
