@@ -41,6 +41,7 @@ def image_options(target: str | os.PathLike[str] | dict[str, Any], *, driver: st
         options = {"driver": fmt, "filename": filename}
     if cache_direct:
         options["cache"] = {"direct": True}
+    options["discard"] = "unmap"  # qemu-io opens with BDRV_O_UNMAP: discards are honoured
     return options
 
 
@@ -102,13 +103,16 @@ async def open_async(target: str | os.PathLike[str] | dict[str, Any], *,
                      cache_direct: bool = False, share: bool = False) -> AsyncDisk:
     """Open an image file (format probed) or a BlockdevOptions dict.
 
-    Like qemu-img and qemu-io, the image is locked against other writers unless ``share``
-    (``-U``) is given; ``read_only`` also gives up the write permission.
+    Permissions and locks are qemu-io's (block-backend.c blk_new_open): the backend takes
+    read (and write, resize) and shares everything; format drivers such as qcow2 still refuse
+    a second writer of their file.  ``share`` is ``-U``: force-share on a read-only open.
     """
     options = image_options(target, driver=driver, cache_direct=cache_direct)
+    if share:
+        options["force-share"] = True
     node = await open_node(options, read_only=read_only, implicit=True)
     perm = Perm.CONSISTENT_READ if read_only else Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
-    shared = PERM_ALL if share else Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+    shared = PERM_ALL
     try:
         blk = BlockBackend(node, perm, shared)
     except BaseException:

@@ -3,7 +3,7 @@
 Both sides use OFD locks on bytes 100+bit (permission taken) and 200+bit (permission not
 shared), file-posix.c raw_apply_lock_bytes.  QEMU 7.2's qemu-io and qemu-img open a raw image
 sharing every permission (blk_new_open: shared = BLK_PERM_ALL) and qemu-img info takes none
-(BDRV_O_NO_IO); qblock.open, like a guest device, does not let others write or resize.
+(BDRV_O_NO_IO); qblock.open takes qemu-io's permissions, so it fares exactly as qemu-io.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import qblock
+from qblock.block.perm import Perm
 from qblock.errors import LockError
 
 pytestmark = pytest.mark.interop
@@ -88,20 +89,40 @@ def lock_hint(path: Path) -> str:
     return f"Is another process using the image [{path}]?"
 
 
-def test_qemu_io_writer_blocks_qblock_until_it_quits(make_image: Any,
-                                                     qemu_io_holding: Any) -> None:
+def _second_opener_outcomes(path: Path, qemu_tool: Any) -> list[tuple[int, bool]]:
+    """What QEMU's tools can do next to the current holder: (exit code, lock error seen)."""
+    runs = [("qemu-io", "-f", "raw", "-c", "write -P 0x18 512 512", path),
+            ("qemu-io", "-r", "-f", "raw", "-c", "read 0 512", path),
+            ("qemu-io", "-U", "-r", "-f", "raw", "-c", "read 0 512", path),
+            ("qemu-img", "resize", "-f", "raw", path, "2M"),
+            ("qemu-img", "info", "-f", "raw", path)]
+    outcomes = []
+    for args in runs:
+        res = qemu_tool(*args)
+        outcomes.append((res.returncode, "lock" in res.stderr))
+    return outcomes
+
+
+def test_qblock_holder_locks_like_a_qemu_io_holder(make_image: Any, qemu_tool: Any,
+                                                   qemu_io_holding: Any) -> None:
+    """The oracle: every QEMU tool run next to qblock fares as it does next to qemu-io."""
+    with_qemu = make_image(SIZE, name="q.raw")
+    holder = qemu_io_holding("-f", "raw", with_qemu)
+    expected = _second_opener_outcomes(with_qemu, qemu_tool)
+    holder.close()
+    with_qblock = make_image(SIZE, name="b.raw")
+    with qblock.open(with_qblock, driver="raw") as disk:
+        assert _second_opener_outcomes(with_qblock, qemu_tool) == expected
+        assert disk.read(512, 512) == b"\x18" * 512  # the other writer's data is visible
+
+
+def test_qblock_opens_next_to_a_qemu_io_writer_like_qemu_io(make_image: Any, qemu_tool: Any,
+                                                           qemu_io_holding: Any) -> None:
     path = make_image(SIZE)
     holder = qemu_io_holding("-f", "raw", path)
     assert "wrote 512/512" in holder.command("write -P 0x42 0 512")
-    # qemu-io takes write; qblock, which does not share write, cannot open next to it
-    with pytest.raises(LockError) as exc:
-        qblock.open(path, driver="raw")
-    assert str(exc.value) == f'Failed to get shared "write" lock\n{lock_hint(path)}'
-    with pytest.raises(LockError, match='Failed to get shared "write" lock'):
-        qblock.open(path, driver="raw", read_only=True)
-    with qblock.open(path, driver="raw", read_only=True, share=True) as disk:  # -U
-        assert disk.read(0, 512) == b"\x42" * 512
-    holder.close()
+    second = qemu_tool("qemu-io", "-f", "raw", "-c", "read -P 0x42 0 512", path)
+    assert second.returncode == 0, second.stderr  # raw shares everything in QEMU 7.2
     with qblock.open(path, driver="raw") as disk:
         assert disk.read(0, 512) == b"\x42" * 512
 
@@ -123,34 +144,16 @@ def test_qemu_io_unsharing_write_blocks_qblock_writer(tmp_path: Path, qemu_tool:
         assert disk.read(0, 4) == b"QFI\xfb"
 
 
-def test_qblock_holding_blocks_qemu_writers(make_image: Any, qemu_tool: Any) -> None:
-    path = make_image(SIZE)
-    with qblock.open(path, driver="raw") as disk:
-        disk.write(0, b"\x17" * 4096)
-        disk.flush()
-        res = qemu_tool("qemu-io", "-f", "raw", "-c", "read -P 0x17 0 4096", path)
-        assert res.returncode == 1
-        assert f'Failed to get "write" lock\n{lock_hint(path)}' in res.stderr
-        res = qemu_tool("qemu-img", "resize", "-f", "raw", path, "2M")
-        assert res.returncode == 1 and 'Failed to get "write" lock' in res.stderr
-        # readers that share write are fine: qemu-io -r, and with -U even without -r
-        res = qemu_tool("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x17 0 4096", path)
-        assert res.returncode == 0, res.stdout + res.stderr
-        res = qemu_tool("qemu-io", "-U", "-r", "-f", "raw", "-c", "read -P 0x17 0 4096", path)
-        assert res.returncode == 0, res.stdout + res.stderr
-        # qemu-img info on a raw image takes no permission at all in QEMU 7.2 (BDRV_O_NO_IO,
-        # raw is a filter), so it works with or without -U
-        for args in (("info",), ("info", "-U")):
-            res = qemu_tool("qemu-img", *args, "-f", "raw", path)
-            assert res.returncode == 0 and "virtual size: 1 MiB" in res.stdout, res.stderr
-    res = qemu_tool("qemu-io", "-f", "raw", "-c", "write -P 0x18 0 512", path)
-    assert res.returncode == 0, res.stderr
-    assert path.stat().st_size == SIZE
-
-
-def test_locks_are_released_on_every_close_path(make_image: Any, qemu_tool: Any) -> None:
+def test_exclusive_user_blocks_qemu_and_releases_on_close(make_image: Any,
+                                                          qemu_tool: Any) -> None:
+    """A user that does not share write (a guest device with share-rw=off) locks QEMU out."""
     path = make_image(SIZE)
     disk = qblock.open(path, driver="raw")
+    disk.backend.set_perm(Perm.CONSISTENT_READ | Perm.WRITE,
+                          Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+    res = qemu_tool("qemu-io", "-f", "raw", "-c", "write 0 512", path)
+    assert res.returncode == 1
+    assert f'Failed to get "write" lock\n{lock_hint(path)}' in res.stderr
     with pytest.raises(LockError, match='Failed to get "write" lock'):
         qblock.open(path, driver="raw")  # OFD locks also separate two opens of one process
     disk.close()
@@ -189,8 +192,7 @@ def test_data_written_by_qemu_io_reads_back_in_qblock(make_image: Any, qemu_tool
 def test_lock_error_names_taken_permissions_first(make_image: Any, tmp_path: Path) -> None:
     """qemu-nbd takes consistent-read and write and unshares resize (locks 100, 101, 203).
 
-    qblock wants resize (blocked by 203) and unshares write (blocked by 101); like
-    raw_check_lock_bytes() it reports the permission it cannot take first.
+    qblock's backend wants resize (blocked by 203), as qemu-io's does.
     """
     path = make_image(SIZE)
     sock = tmp_path / "nbd.sock"

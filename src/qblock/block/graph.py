@@ -114,7 +114,10 @@ def refresh_perms(roots: Iterable[BlockNode],
         if node.read_only and perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
             raise ReadOnlyError("Block node is read-only")  # block.c bdrv_node_refresh_perm
         for edge in node.children.values():
-            new[edge] = node.child_perms_for(edge, perm, shared)
+            child_perm, child_shared = node.child_perms_for(edge, perm, shared)
+            if edge.node.force_share:  # block.c bdrv_child_perm()
+                child_shared = PERM_ALL
+            new[edge] = (child_perm, child_shared)
     checked: list[BlockNode] = []
     try:
         for node in order:

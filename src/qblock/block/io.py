@@ -221,6 +221,8 @@ async def node_pwrite_zeroes(node: BlockNode, offset: int, length: int,
     """Make a range read as zeroes, without writing data where the driver can (write -z)."""
     check_request(offset, length)
     _check_writable(node)
+    if not node.unmap:  # block/io.c: MAY_UNMAP only where discard=unmap
+        flags &= ~ReqFlags.MAY_UNMAP
     if _t_zeroes.enabled:
         _t_zeroes(bs=node.node_name, offset=offset, bytes=length, flags=int(flags))
     if not length:
@@ -259,11 +261,16 @@ async def pwrite_zeroes(child: BdrvChild, offset: int, length: int,
 
 
 async def node_pdiscard(node: BlockNode, offset: int, length: int) -> None:
-    """Discard a range; unaligned head and tail are left alone (bdrv_co_pdiscard)."""
+    """Discard a range; unaligned head and tail are left alone (bdrv_co_pdiscard).
+
+    Without discard=unmap on the node the request succeeds and does nothing, like QEMU.
+    """
     check_request(offset, length)
     _check_writable(node)
     if _t_discard.enabled:
         _t_discard(bs=node.node_name, offset=offset, bytes=length)
+    if not node.unmap:
+        return
     align = node.request_alignment
     start = -(-offset // align) * align
     end = (offset + length) - (offset + length) % align

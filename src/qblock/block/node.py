@@ -89,6 +89,8 @@ class BlockNode:
         self.children: dict[str, BdrvChild] = {}
         self.parents: list[BdrvChild] = []
         self.monitor_owned = False
+        self.unmap = False  # discard=unmap (BDRV_O_UNMAP): discards reach the driver
+        self.force_share = False  # force-share=on: every user of this node shares everything
         self.closed = False
         self.wr_highest_offset = 0
         self.write_threshold = 0

@@ -40,7 +40,7 @@ def driver_class(name: str) -> type[BlockDriver]:
     """The driver class for a QAPI driver name ("Unknown driver 'x'" otherwise)."""
     target = _DRIVERS.get(name)
     if target is None:
-        raise InvalidArgument(f"Unknown driver '{name}'")
+        raise InvalidArgument(f"Parameter 'driver' does not accept value '{name}'")
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -73,13 +73,20 @@ async def open_node(options: dict[str, Any], *, read_only: bool | None = None,
     if cache:
         raise InvalidArgument(f"Parameter 'cache.{next(iter(cache))}' is unexpected")
     detect_zeroes = pop_str(options, "detect-zeroes", "off", ("off", "on", "unmap"))
-    pop_str(options, "discard", "ignore", ("ignore", "unmap", "off", "on"))
+    # BDRV_O_UNMAP and force-share are inherited by implicit children (bdrv_inherited_options)
+    discard = pop_str(options, "discard", None, ("ignore", "unmap", "off", "on"))
+    unmap = (discard in ("unmap", "on") if discard is not None
+             else inherit is not None and inherit.unmap)
     pop_bool(options, "auto-read-only", False)
-    pop_bool(options, "force-share", False)
+    force_share = pop_bool(options, "force-share", inherit is not None and inherit.force_share)
+    if force_share and not ro:
+        raise InvalidArgument("force-share=on can only be used with read-only images")
     pop_bool(options, "active", True)
     node = BlockNode(drv, {"driver": name, **options}, node_name=node_name, read_only=ro,
                      cache_direct=direct, cache_no_flush=no_flush,
                      detect_zeroes=detect_zeroes or "off")
+    node.unmap = unmap
+    node.force_share = force_share
     if node_name is not None and registry.lookup(node_name) is not None:
         raise InvalidArgument(f"Duplicate nodes with node-name='{node_name}'")
     try:

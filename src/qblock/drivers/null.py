@@ -34,8 +34,8 @@ class NullDriver(BlockDriver):
         return
 
     async def co_block_status(self, offset: int, length: int) -> BlockStatus:
-        """null.c: zero when read-zeroes is on, otherwise undefined contents reported as data."""
-        status = Status.OFFSET_VALID | (Status.ZERO if self.read_zeroes else Status.DATA)
+        """null.c null_co_block_status(): zero with read-zeroes, otherwise nothing allocated."""
+        status = Status.OFFSET_VALID | (Status.ZERO if self.read_zeroes else Status.NONE)
         return BlockStatus(status, length, offset, self.node)
 
     async def co_truncate(self, length: int, exact: bool, prealloc: str) -> None:
