@@ -37,6 +37,7 @@ class TracePoint:
 _points: dict[str, TracePoint] = {}
 _patterns: list[tuple[str, bool]] = []
 _sinks: list[Sink] = []
+_files: list[TextIO] = []  # opened by configure(file=...), closed by reset()
 
 
 def point(name: str) -> TracePoint:
@@ -77,10 +78,12 @@ def enable(pattern: str) -> None:
 
 
 def reset() -> None:
-    """Disable every point and drop every sink."""
+    """Disable every point, drop every sink and close the trace files."""
     _patterns.clear()
     _sinks.clear()
     _refresh()
+    while _files:
+        _files.pop().close()
 
 
 def log_sink(stream: TextIO) -> Sink:
@@ -147,7 +150,8 @@ def configure(option: str, *, json_output: bool = False, stream: TextIO | None =
         elif key == "format" and value in ("log", "json"):
             json_output = value == "json"
         elif key == "file":
-            target = open(value, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives on
+            target = open(value, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            _files.append(target)
         else:
             raise ValueError(f"Invalid parameter '{key}'")
     if not _sinks:

@@ -78,8 +78,9 @@ def _probe(filename: str, fmt: str | None) -> str:
 
 async def _open_file(filename: str, *, writable: bool, share: bool) -> BlockBackend:
     """The file node of an image, for tools that read its metadata directly (info, check)."""
-    node = await open_node({"driver": "file", "filename": filename}, read_only=not writable,
-                           implicit=True)
+    # qemu-img check's repairs discard freed clusters, as QEMU's do (BDRV_O_UNMAP).
+    node = await open_node({"driver": "file", "filename": filename, "discard": "unmap"},
+                           read_only=not writable, implicit=True)
     perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
     shared = PERM_ALL if share else Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
     try:
