@@ -9,8 +9,9 @@ import random
 import re
 from typing import TYPE_CHECKING, Any
 
-from qblock.block.graph import BdrvChild, attach_child, detach_child, refresh_perms
-from qblock.block.perm import PERM_ALL, Perm, Role, default_child_perms
+from qblock.block.graph import (BdrvChild, attach_child, cumulative_perms, detach_child,
+                                refresh_perms)
+from qblock.block.perm import Perm, Role, default_child_perms
 from qblock.errors import InvalidArgument, NodeInUse, NodeNotFound
 
 if TYPE_CHECKING:
@@ -109,11 +110,8 @@ class BlockNode:
         return f"node '{self.node_name}'"
 
     def cumulative_perms(self) -> tuple[Perm, Perm]:
-        perm, shared = Perm(0), PERM_ALL
-        for edge in self.parents:
-            perm |= edge.perm
-            shared &= edge.shared
-        return perm, shared
+        """What all parents take together, and what they all share."""
+        return cumulative_perms(self.parents, {})
 
     def child_perms(self, edge: BdrvChild) -> tuple[Perm, Perm]:
         return self.child_perms_for(edge, *self.cumulative_perms())
@@ -169,30 +167,22 @@ class BlockNode:
                 raise
         return old.node if old is not None else None
 
+    def child_with_role(self, roles: Role) -> BdrvChild | None:
+        """The first child whose role has any of ``roles`` (QEMU keeps at most one of each)."""
+        return next((e for e in self.children.values() if e.role & roles), None)
+
     def primary_child(self) -> BdrvChild | None:
-        for edge in self.children.values():
-            if edge.role & Role.PRIMARY:
-                return edge
-        return None
+        return self.child_with_role(Role.PRIMARY)
 
     def filtered_child(self) -> BdrvChild | None:
-        for edge in self.children.values():
-            if edge.role & Role.FILTERED:
-                return edge
-        return None
+        return self.child_with_role(Role.FILTERED)
 
     def cow_child(self) -> BdrvChild | None:
-        for edge in self.children.values():
-            if edge.role & Role.COW:
-                return edge
-        return None
+        return self.child_with_role(Role.COW)
 
     def storage_child(self) -> BdrvChild | None:
         """The child holding the data (qcow2 'file', raw 'file'), not the backing."""
-        for edge in self.children.values():
-            if edge.role & (Role.DATA | Role.FILTERED):
-                return edge
-        return None
+        return self.child_with_role(Role.DATA | Role.FILTERED)
 
     def backing_chain(self) -> list[BlockNode]:
         """This node and every node below it through COW or filter links."""
