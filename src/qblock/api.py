@@ -202,6 +202,34 @@ def open(target: str | os.PathLike[str] | dict[str, Any], *, driver: str | None 
                                        cache_direct=cache_direct, share=share)))
 
 
+async def create_async(filename: str | os.PathLike[str], size: int, fmt: str = "qcow2",
+                       **options: Any) -> None:
+    """Create an image as ``qemu-img create`` does: raw is a sparse file, qcow2 QEMU's layout.
+
+    ``options`` are the qcow2 creation options with Python names (cluster_size, compat,
+    extended_l2, compression_type, lazy_refcounts, refcount_bits, backing_file, backing_fmt,
+    preallocation).
+    """
+    filename = os.fspath(filename)
+    if fmt == "raw":
+        if options:
+            raise InvalidArgument(f"Invalid parameter '{next(iter(options))}'")
+        with builtins.open(filename, "wb") as f:
+            f.truncate(size)
+    elif fmt == "qcow2":
+        from qblock.drivers.qcow2.create import create
+
+        await create(filename, size, **options)
+    else:
+        raise InvalidArgument(f"Unknown file format '{fmt}'")
+
+
+def create(filename: str | os.PathLike[str], size: int, fmt: str = "qcow2",
+           **options: Any) -> None:
+    """Synchronous ``create_async``."""
+    _Runner.run(create_async(filename, size, fmt, **options))
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a qblock coroutine on the synchronous facade's loop (for tools built on it)."""
     return _Runner.run(coro)
