@@ -1,0 +1,1 @@
+"""The QMP monitor: a sans-IO protocol core, an asyncio server and one command registry."""
