@@ -101,7 +101,9 @@ def qemu_io_batches(ops: Iterable[Op], budget: int = QEMU_IO_ARG_BUDGET) -> list
 
 
 def qemu_io_argv(wl: Workload, commands: list[str]) -> list[str]:
-    argv = ["qemu-io", "-f", wl.fmt]
+    # qemu-io defaults to writethrough (a flush after every write); qblock writes back, as
+    # qemu-img bench -t writeback does: both sides flush only where the workload says so.
+    argv = ["qemu-io", "-f", wl.fmt, "-t", "writeback"]
     if wl.read_only:
         argv.append("-r")
     for cmd in commands:
