@@ -108,7 +108,9 @@ async def _aligned_preadv(node: BlockNode, offset: int, buf: memoryview, flags: 
     if offset + length <= total:
         await node.drv.co_preadv(offset, buf, flags)
         return
-    inside = max(0, total - offset)
+    # Past-EOF reads stay aligned (O_DIRECT): the driver's short read zero-fills the tail.
+    align = node.request_alignment
+    inside = min(length, -(-max(0, total - offset) // align) * align)
     if inside:
         await node.drv.co_preadv(offset, buf[:inside], flags)
     buf[inside:] = bytes(length - inside)

@@ -11,8 +11,10 @@ import sys
 from qblock import __version__, trace
 
 SUBCOMMANDS = {
+    "daemon": ("qblock.cli.daemon", "qemu-storage-daemon: block nodes served over QMP"),
     "demo": ("qblock.cli.demo", "write, read and trace a scratch image through the block graph"),
     "img": ("qblock.cli.img", "qemu-img: create, info, map, check, compare"),
+    "ctl": ("qblock.cli.ctl", "a QMP client for people: domblkinfo, block graph pictures"),
 }
 
 

@@ -104,7 +104,7 @@ class BlockDriver:
         return BlockStatus(Status.RAW | Status.OFFSET_VALID, length, offset, child.node)
 
     async def co_truncate(self, length: int, exact: bool, prealloc: str) -> None:
-        raise NotSupported(f"Image format '{self.format_name}' does not support resizing")
+        raise NotSupported("Image format driver does not support resize")  # io.c bdrv_co_truncate
 
     def child_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         return self.node.default_child_perms(edge, perm, shared)

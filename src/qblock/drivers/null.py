@@ -38,8 +38,9 @@ class NullDriver(BlockDriver):
         status = Status.OFFSET_VALID | (Status.ZERO if self.read_zeroes else Status.NONE)
         return BlockStatus(status, length, offset, self.node)
 
-    async def co_truncate(self, length: int, exact: bool, prealloc: str) -> None:
-        self.size = length
+    def allocated_file_size(self) -> int | None:
+        """null.c null_allocated_file_size(): nothing is stored."""
+        return 0
 
 
 class NullAioDriver(NullDriver):

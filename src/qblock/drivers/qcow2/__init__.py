@@ -1,0 +1,1 @@
+"""The qcow2 format driver (QEMU block/qcow2*.c)."""
