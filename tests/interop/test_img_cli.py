@@ -234,3 +234,35 @@ def test_create_backing_without_format(images: Path, qemu_tool: Tool,
     args = ("create", "-f", "qcow2", "-b", "base.qcow2", "x.qcow2")
     assert ours(capsys, *args) == theirs(qemu_tool, *args)
     assert not Path("x.qcow2").exists()
+
+
+QCOW2_CREATE_CASES = [
+    ("-f", "qcow2", "{f}", "1G"),
+    ("-f", "qcow2", "-o", "cluster_size=4096,refcount_bits=1", "{f}", "64M"),
+    ("-f", "qcow2", "-o", "cluster_size=2M,extended_l2=on,compression_type=zstd", "{f}", "3G"),
+    ("-f", "qcow2", "-o", "compat=0.10", "{f}", "10M"),
+    ("-f", "qcow2", "-o", "lazy_refcounts=on,refcount_bits=64", "{f}", "1T"),
+    ("-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "{f}"),
+    ("-f", "qcow2", "-o", "preallocation=metadata", "{f}", "5M"),
+    ("-f", "qcow2", "-o", "cluster_size=1000", "{f}", "1M"),
+    ("-f", "qcow2", "-o", "compat=0.10,lazy_refcounts=on", "{f}", "1M"),
+    ("-f", "qcow2", "-o", "foo=1", "{f}", "1M"),
+    ("-f", "qcow2", "-o", "lazy_refcounts=maybe", "{f}", "1M"),
+    ("-f", "qcow2", "-o", "refcount_bits=x", "{f}", "1M"),
+    ("-f", "qcow2", "-o", "cluster_size=1x", "{f}", "1M"),
+    ("-f", "qcow2", "-o", "help"),
+    ("-f", "qcow2", "-o", "help", "{f}"),
+]
+
+
+@pytest.mark.parametrize("case", QCOW2_CREATE_CASES, ids=lambda c: " ".join(c))
+def test_create_qcow2_like_qemu_img(images: Path, qemu_tool: Tool,
+                                    capsys: pytest.CaptureFixture[str], case: tuple[str, ...]) -> None:
+    """Same "Formatting ..." line, errors and exit code, and a byte-identical file."""
+    mine = ours(capsys, "create", *(a.format(f="a.qcow2") for a in case))
+    qemu = theirs(qemu_tool, "create", *(a.format(f="b.qcow2") for a in case))
+    assert (mine[0], mine[1].replace("a.qcow2", "b.qcow2"), mine[2].replace("a.qcow2", "b.qcow2")) \
+        == qemu
+    assert Path("a.qcow2").exists() == Path("b.qcow2").exists()
+    if Path("b.qcow2").exists():
+        assert Path("a.qcow2").read_bytes() == Path("b.qcow2").read_bytes()

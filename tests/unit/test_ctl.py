@@ -297,6 +297,17 @@ def test_offline_cli_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         f"Physical:       {st.st_size}", f"Host allocated: {st.st_blocks * 512}"]
 
 
+def test_offline_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb" + struct.pack(">I", 7) + bytes(504))
+    assert ctl.main(["domblkinfo", "--offline", str(bad)]) == 1
+    assert capsys.readouterr().err == f"qblock ctl: {bad}: Unsupported qcow2 version 7\n"
+    assert ctl.main(["domblkinfo", "--offline", str(tmp_path / "missing")]) == 1
+    assert "No such file or directory" in capsys.readouterr().err
+    assert ctl.main(["domblkinfo", "--socket", str(tmp_path / "none.sock")]) == 1
+    assert "domblkinfo needs a NODE" in capsys.readouterr().err
+
+
 # -- virsh's output format --------------------------------------------------------------------
 
 @pytest.mark.parametrize("value, text", [

@@ -23,6 +23,7 @@ import graphviz
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from qblock.cli import ctl_blkinfo, ctl_graph
+from qblock.errors import QBlockError
 
 PROG = "qblock ctl"
 TIMEOUT = 30.0
@@ -120,7 +121,7 @@ def domblkinfo(args: argparse.Namespace) -> int:
     if args.offline:
         try:
             info = ctl_blkinfo.offline_block_info(args.offline, args.format)
-        except (OSError, ValueError) as e:
+        except (OSError, QBlockError) as e:
             raise CtlError(f"{args.offline}: {e}") from e
     else:
         if not args.node:

@@ -81,7 +81,7 @@ def stat_source(source: DiskSource) -> SourceStat | None:
 
 def _entries_by_name(blockstats: list[dict[str, Any]],
                      blockstats_nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """libvirt's hash of BlockStats: device entries by device (or qdev), node entries by node-name."""
+    """libvirt's hash of BlockStats: device entries by device (or qdev), nodes by node-name."""
     table: dict[str, dict[str, Any]] = {}
     for entry in blockstats:
         name = entry.get("device") or entry.get("qdev")
@@ -133,8 +133,7 @@ def running_block_info(name: str, blockstats: list[dict[str, Any]],
     ``blockstats``/``blockstats_nodes`` are the replies of query-blockstats without and with
     ``query-nodes``; ``named_nodes`` is query-named-block-nodes {flat: true}; ``cwd`` is the
     daemon's working directory (for relative filenames).  ``stat_fn`` measures the source (tests
-    pass their own numbers).  Raises KeyError
-    with libvirt's message when ``name`` is unknown.
+    pass their own numbers).  Raises KeyError with libvirt's message when ``name`` is unknown.
     """
     table = _entries_by_name(blockstats, blockstats_nodes)
     if name not in table:
@@ -185,7 +184,10 @@ def _size_origin(source: DiskSource) -> str:
 # -- offline image (qemuStorageLimitsRefresh) --------------------------------------------------
 
 def header_capacity(path: str, fmt: str) -> int:
-    """Virtual size from the image header (qcow2.txt "Header": ``size``); 0 if unknown."""
+    """Virtual size from the image header (qcow2.txt "Header": ``size``); 0 if unknown.
+
+    Raises QBlockError with QEMU's message for a header QEMU would refuse.
+    """
     if fmt != "qcow2":
         return 0
     with open(path, "rb") as f:
@@ -275,9 +277,9 @@ def explain(info: BlockInfo) -> list[str]:
     origin = "the image header" if src.format != "raw" else "the size of the raw source"
     lines = [f"Capacity   = guest-visible size, from {origin}; not what the guest uses."]
     if info.allocation_from == "wr_highest_offset":
-        lines.append(f"Allocation = wr_highest_offset: the highest host offset written since the "
-                     f"daemon opened the node; for a raw file or block device it tells how far "
-                     f"a thin volume has been filled, not what the guest uses.")
+        lines.append("Allocation = wr_highest_offset: the highest host offset written since the "
+                     "daemon opened the node; for a raw file or block device it tells how far "
+                     "a thin volume has been filled, not what the guest uses.")
     else:
         lines.append(f"Allocation = {_ALLOCATION_NOTES[info.allocation_from]}.")
     lines.append(f"Physical   = {_PHYSICAL_NOTES[info.physical_from]}.")

@@ -145,7 +145,8 @@ def render_text(g: BlockGraph) -> str:
             last = i == len(edges) - 1
             child = g.nodes[edge.child]
             again = edge.child in seen
-            out.append(f"{prefix}{'└── ' if last else '├── '}{edge.name}: {g.label(child)}"
+            branch = "└── " if last else "├── "
+            out.append(f"{prefix}{branch}{edge.name}: {g.label(child)}"
                        + (" (see above)" if again else ""))
             inner = prefix + ("    " if last else "│   ")
             bar = "│   " if g.children(edge.child) and not again else "    "

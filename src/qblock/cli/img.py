@@ -18,10 +18,10 @@ from qblock.block.backend import BlockBackend
 from qblock.block.node import close_node
 from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, Perm
-from qblock.cli import imgfmt
+from qblock.cli import imgcreate, imgfmt
 from qblock.cli.imginfo import image_info, path_combine, read_header
 from qblock.drivers.base import Status
-from qblock.errors import QBlockError
+from qblock.errors import NotSupported, QBlockError
 from qblock.qobject import to_json
 
 PROG = "qblock-img"
@@ -109,13 +109,6 @@ def _create_options(text: str) -> dict[str, str]:
     return opts
 
 
-RAW_OPTION_HELP = """Supported raw options:
-  size=<size>            - Virtual disk size
-
-The protocol level may support further options.
-Specify the target filename to include those options."""
-
-
 async def _backing_size(base: str, base_fmt: str | None, filename: str) -> int:
     name = path_combine(filename, base)
     try:
@@ -155,11 +148,7 @@ async def cmd_create(argv: list[str]) -> int:
             print(__doc__)
             return 0
     if help_opts:
-        if fmt == "raw":
-            print(RAW_OPTION_HELP)
-            return 0
-        from qblock.drivers.qcow2.create import option_help
-        print(option_help(bool(args)))
+        print(imgcreate.option_help(fmt, bool(args)))
         return 0
     if not args:
         raise error_exit("Expecting image file name")
@@ -210,18 +199,34 @@ async def cmd_create(argv: list[str]) -> int:
             with open(filename, "wb") as f:
                 f.truncate(size)
         else:
-            from qblock.drivers.qcow2.create import create_image, formatting_line
-            if base is not None:
-                options["backing_file"] = base
-                options["backing_fmt"] = base_fmt or ""
-            if not quiet:
-                print(formatting_line(filename, size, **options), flush=True)
-            await create_image(filename, size, **options)
+            await _create_qcow2(filename, size, options, base, base_fmt, quiet)
     except (QBlockError, OSError) as e:
         msg = os.strerror(e.errno or 0) if isinstance(e, OSError) else str(e)
         error(f"{filename}: {msg}")
         return 1
     return 0
+
+
+async def _create_qcow2(filename: str, size: int, options: dict[str, str], base: str | None,
+                        base_fmt: str | None, quiet: bool) -> None:
+    """Validate, print QEMU's "Formatting ..." line, then format the file."""
+    from qblock.drivers.qcow2.create import create, formatting_line, validate
+
+    try:
+        kwargs = imgcreate.qcow2_create_kwargs(options)
+    except imgcreate.CreateOptionError as e:
+        raise QBlockError(str(e)) from None
+    if base is not None:
+        kwargs["backing_file"], kwargs["backing_fmt"] = base, base_fmt
+    if not quiet:
+        print(formatting_line(filename, size, kwargs), flush=True)
+    reason = imgcreate.unsupported(kwargs)
+    if reason is not None:
+        raise NotSupported(reason)
+    for key in ("nocow", "extent_size_hint"):
+        kwargs.pop(key, None)
+    validate(size, **kwargs)
+    await create(filename, size, **kwargs)
 
 
 # -- info ------------------------------------------------------------------------------------
