@@ -720,8 +720,8 @@ class Qcow2Driver(BlockDriver):
             raise InvalidArgument("The new size must be a multiple of 512")
         if h.nb_snapshots:
             raise NotSupported("Can't resize an image which has snapshots")
-        if prealloc not in ("off", "metadata"):
-            raise NotSupported(f"Unsupported preallocation mode '{prealloc}'")
+        if prealloc not in ("off", "metadata", "falloc", "full"):
+            raise InvalidArgument(f"Unsupported preallocation mode '{prealloc}'")
         if prealloc != "off" and length < h.size:
             raise InvalidArgument("Preallocation can't be used for shrinking an image")
         old = h.size
@@ -732,8 +732,8 @@ class Qcow2Driver(BlockDriver):
                 await self._shrink_l1(h.size_to_l1(length))
         async with self.lock:
             await self.map.grow_l1(h.size_to_l1(length), exact=True)
-        if prealloc == "metadata" and length > old:
-            await self._preallocate(old, length)
+        if prealloc != "off" and length > old:
+            await self._preallocate(old, length, prealloc)
         backing = self.node.backing
         if length > old and backing is not None and backing.node.length() > old:
             h.size = length
@@ -745,8 +745,13 @@ class Qcow2Driver(BlockDriver):
             await self.update_header_fields(size=length)
         self.l2_cache_resize()
 
-    async def _preallocate(self, start: int, end: int) -> None:
-        """Metadata preallocation; the file is extended over the last allocated cluster."""
+    async def _preallocate(self, start: int, end: int, mode: str) -> None:
+        """Allocate clusters for [start, end) and extend the file over the last of them.
+
+        metadata: the file grows sparse.  falloc/full: the new part of the file is also
+        reserved with fallocate or written with zeroes (qcow2_co_truncate), so every data
+        cluster has its host blocks.
+        """
         cs = self.header.cluster_size
         pos = start - start % cs
         host_end = 0
@@ -756,7 +761,8 @@ class Qcow2Driver(BlockDriver):
             host_end = max(host_end, last)
             pos += done
         if host_end > self.file.node.length():
-            await io.truncate(self.file, host_end, exact=False, prealloc="off")
+            file_mode = "off" if mode == "metadata" else mode
+            await io.truncate(self.file, host_end, exact=False, prealloc=file_mode)
 
     async def _pwrite_zeroes_any(self, offset: int, length: int) -> None:
         try:
