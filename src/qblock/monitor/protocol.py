@@ -96,8 +96,8 @@ _TABLE = _build_table()
 _RUNS = {
     START: re.compile(rb"[ \t\r\n]+"),
     RECOVERY: re.compile(rb"[\t\x20-\x5a\x5c\x5e-\x7a\x7c\x7e-\xfd]+"),
-    DQ: re.compile(rb'(?:[\x20\x21\x23-\x5b\x5d-\xfd]|\\[\x20-\xfd])+'),
-    SQ: re.compile(rb"(?:[\x20-\x26\x28-\x5b\x5d-\xfd]|\\[\x20-\xfd])+"),
+    DQ: re.compile(rb'[\x20\x21\x23-\x5b\x5d-\xfd]+'),  # escapes take table steps
+    SQ: re.compile(rb"[\x20-\x26\x28-\x5b\x5d-\xfd]+"),
     DIGITS: re.compile(rb"[0-9]+"),
     MANTISSA_DIGITS: re.compile(rb"[0-9]+"),
     EXP_DIGITS: re.compile(rb"[0-9]+"),

@@ -1,0 +1,96 @@
+"""Start and stop a real ``qblock daemon`` or ``qemu-storage-daemon`` for the interop tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+QSD = shutil.which("qemu-storage-daemon")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+START_TIMEOUT = 20
+
+
+def qblock_daemon_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qblock.cli.main", "daemon", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"daemon exited {proc.returncode}: "
+                                 f"{proc.stderr.read().decode() if proc.stderr else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear")
+
+
+@contextmanager
+def running(argv: Sequence[str], sock: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a daemon until the block ends; always stopped (SIGTERM, then SIGKILL)."""
+    proc = subprocess.Popen(list(argv), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(sock, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+def qblock(tmp: Path, *args: str, name: str = "qmp.sock") -> tuple[list[str], Path]:
+    sock = tmp / name
+    return qblock_daemon_argv(*args, "--chardev", f"socket,path={sock},server=on,wait=off,id=m0",
+                              "--monitor", "chardev=m0"), sock
+
+
+def qsd(tmp: Path, *args: str, name: str = "qsd.sock") -> tuple[list[str], Path]:
+    if QSD is None:
+        pytest.skip("qemu-storage-daemon is not installed")
+    sock = tmp / name
+    return [QSD, *args, "--chardev", f"socket,path={sock},server=on,wait=off,id=m0",
+            "--monitor", "chardev=m0"], sock
+
+
+def raw_exchange(sock: Path, data: bytes, *, negotiate: bool = True,
+                 quiet: float = 0.5) -> bytes:
+    """Send ``data`` on a fresh connection; return everything received until ``quiet``
+    seconds pass without output (the greeting and negotiation reply excluded)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        f = s.makefile("rb")
+        f.readline()
+        if negotiate:
+            s.sendall(b'{"execute": "qmp_capabilities"}')
+            f.readline()
+        s.sendall(data)
+        s.settimeout(quiet)
+        out = b""
+        try:
+            while chunk := s.recv(1 << 16):
+                out += chunk
+        except TimeoutError:
+            pass
+        return out
