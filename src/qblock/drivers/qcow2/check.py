@@ -21,9 +21,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from qblock.block import io
+from qblock.drivers.qcow2.cluster import (L1E_OFFSET_MASK, L2_BITMAP_ALL_ALLOC, L2E_OFFSET_MASK,
+                                          OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO)
 from qblock.drivers.qcow2.header import (AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT,
                                          INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, QCOW_MAX_L1_SIZE,
                                          Qcow2Header)
+from qblock.drivers.qcow2.refcount import REFT_OFFSET_MASK
 
 if TYPE_CHECKING:
     from qblock.block.graph import BdrvChild
@@ -33,16 +36,9 @@ FIX_LEAKS = 1
 FIX_ERRORS = 2
 
 # qcow2.txt "Cluster mapping": masks of L1/L2/reftable entries (block/qcow2.h).
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED_MASK = 0x7F000000000001FF
-L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_STD_RESERVED_MASK = 0x3F000000000001FE
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-OFLAG_ZERO = 1
-L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
 
 HEADER_L1_OFFSET = 40  # QCowHeader.l1_table_offset
 HEADER_REFTABLE = 48  # QCowHeader.refcount_table_offset, refcount_table_clusters
