@@ -7,7 +7,8 @@ keeps ``wr_highest_offset`` and emits the ``bdrv_co_*`` trace points.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from qblock import trace
@@ -59,6 +60,22 @@ async def _track(node: BlockNode, offset: int, length: int, serialising: bool) -
 def _untrack(node: BlockNode, req: TrackedRequest) -> None:
     node.tracked.remove(req)
     req.done.set()
+
+
+@contextlib.asynccontextmanager
+async def _write_request(node: BlockNode, offset: int, length: int, *, serialising: bool,
+                         is_discard: bool = False) -> AsyncIterator[None]:
+    """One write-type request in flight (bdrv_co_write_req_prepare/finish): tracked, the write
+    threshold checked before, dirty bitmaps and wr_highest_offset updated after success."""
+    node.in_flight += 1
+    req = await _track(node, offset, length, serialising)
+    try:
+        _threshold_check(node, offset, length)
+        yield
+        _write_done(node, offset, length, is_discard=is_discard)
+    finally:
+        _untrack(node, req)
+        node.in_flight -= 1
 
 
 def check_request(offset: int, length: int) -> None:
@@ -189,18 +206,11 @@ async def node_pwritev(node: BlockNode, offset: int, data: memoryview,
         return
     align = node.request_alignment
     aligned = offset % align == 0 and length % align == 0
-    node.in_flight += 1
-    req = await _track(node, offset, length, serialising=not aligned)
-    try:
-        _threshold_check(node, offset, length)
+    async with _write_request(node, offset, length, serialising=not aligned):
         if aligned:
             await node.drv.co_pwritev(offset, data, flags)
         else:
             await _padded_write(node, offset, data, flags)
-        _write_done(node, offset, length)
-    finally:
-        _untrack(node, req)
-        node.in_flight -= 1
 
 
 async def pwritev(child: BdrvChild, offset: int, data: memoryview | bytes | bytearray,
@@ -230,10 +240,8 @@ async def node_pwrite_zeroes(node: BlockNode, offset: int, length: int,
     if not length:
         return
     align = node.request_alignment
-    node.in_flight += 1
-    req = await _track(node, offset, length, serialising=bool(offset % align or length % align))
-    try:
-        _threshold_check(node, offset, length)
+    async with _write_request(node, offset, length,
+                              serialising=bool(offset % align or length % align)):
         head = -offset % align
         mid_start = offset + head
         mid_end = (offset + length) - (offset + length) % align
@@ -251,10 +259,6 @@ async def node_pwrite_zeroes(node: BlockNode, offset: int, length: int,
             if mid_end < offset + length:
                 await _padded_write(node, mid_end, memoryview(bytes(offset + length - mid_end)),
                                     flags)
-        _write_done(node, offset, length)
-    finally:
-        _untrack(node, req)
-        node.in_flight -= 1
 
 
 async def pwrite_zeroes(child: BdrvChild, offset: int, length: int,
@@ -278,16 +282,9 @@ async def node_pdiscard(node: BlockNode, offset: int, length: int) -> None:
     end = (offset + length) - (offset + length) % align
     if not length:
         return
-    node.in_flight += 1
-    req = await _track(node, offset, length, serialising=False)
-    try:
-        _threshold_check(node, offset, length)
+    async with _write_request(node, offset, length, serialising=False, is_discard=True):
         if end > start:
             await node.drv.co_pdiscard(start, end - start)
-        _write_done(node, offset, length, is_discard=True)
-    finally:
-        _untrack(node, req)
-        node.in_flight -= 1
 
 
 async def pdiscard(child: BdrvChild, offset: int, length: int) -> None:
