@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from qblock.block import io
 from qblock.block.accounting import node_stats_qmp
+from qblock.block.dirty_bitmap import dirty_info
 from qblock.block.graph import BdrvChild
 from qblock.block.node import BlockNode
 from qblock.block.perm import Role, perm_names
@@ -211,6 +212,8 @@ async def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, An
     info["cache"] = {"writeback": True, "direct": node.cache_direct,
                      "no-flush": node.cache_no_flush}
     info["write_threshold"] = node.write_threshold
+    if node.dirty_bitmaps:
+        info["dirty-bitmaps"] = dirty_info(node)
     return info
 
 
@@ -298,9 +301,12 @@ class _GraphBuilder:
 def block_graph(backends: Iterable[BlockBackend], jobs: Iterable[Any],
                 nodes: Iterable[BlockNode]) -> dict[str, Any]:
     """XDbgBlockGraph: BlockBackends, then block jobs (``id`` and ``nodes``, their BdrvChild
-    edges, like QEMU's BlockJob), then nodes in creation order with their children."""
+    edges, like QEMU's BlockJob), then nodes in creation order with their children.
+
+    The BlockBackends a job holds (its ``backends``, e.g. a commit's target) are listed too."""
     g = _GraphBuilder()
-    for blk in backends:
+    jobs = list(jobs)
+    for blk in [*backends, *(b for job in jobs for b in getattr(job, "backends", ()))]:
         g.add_node(blk, "block-backend", blk.name)
         if blk.root is not None:
             g.add_edge(blk, blk.root)

@@ -23,7 +23,7 @@ from qblock.block.perm import ROLE_IMAGE, Role
 from qblock.drivers.base import BlockDriver, BlockStatus, ReqFlags, Status
 from qblock.drivers.options import pop_bool, pop_int, to_bool
 from qblock.drivers.qcow2 import header as hdr
-from qblock.drivers.qcow2.bitmap import mark_bitmaps_in_use
+from qblock.drivers.qcow2 import bitmap as qbitmap
 from qblock.drivers.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, Qcow2Cache, cache_sizes
 from qblock.drivers.qcow2.cluster import COMPRESSED, DATA, L1E_OFFSET_MASK, UNALLOC, ZERO, \
     ClusterMap, Run
@@ -139,7 +139,7 @@ class Qcow2Driver(BlockDriver):
                 await self.update_header()
             if h.dirty:
                 await self._repair_dirty()
-            await mark_bitmaps_in_use(self)
+        await qbitmap.load_bitmaps(self)
 
     def _parse_options(self, options: dict[str, Any]) -> None:
         h = self.header
@@ -652,8 +652,25 @@ class Qcow2Driver(BlockDriver):
         if self.node.read_only and not (self.l2_cache.dirty or self.refcounts.cache.dirty):
             return
         async with self.lock:
+            if not self.node.read_only:
+                await self._store_bitmaps()
             await self.flush_caches()
             await self._mark_clean()
+
+    async def _store_bitmaps(self) -> None:
+        try:
+            await qbitmap.store_bitmaps(self)
+        except QBlockError as e:
+            print(f"Lost persistent bitmaps during inactivation of node "
+                  f"'{self.node.node_name}': {e}", file=sys.stderr)
+
+    # -- persistent dirty bitmaps (qcow2-bitmap.c) ---------------------------------------------
+
+    def can_store_new_dirty_bitmap(self, name: str, granularity: int) -> None:
+        qbitmap.can_store_new(self, name, granularity)
+
+    async def remove_persistent_dirty_bitmap(self, name: str) -> None:
+        await qbitmap.remove_persistent(self, name)
 
     async def _clean_caches_if_due(self) -> None:
         """cache-clean-interval: drop cache entries unused for that long (checked lazily on
@@ -724,6 +741,7 @@ class Qcow2Driver(BlockDriver):
             raise InvalidArgument(f"Unsupported preallocation mode '{prealloc}'")
         if prealloc != "off" and length < h.size:
             raise InvalidArgument("Preallocation can't be used for shrinking an image")
+        qbitmap.truncate_check(self)
         old = h.size
         cs = h.cluster_size
         if length < old:
@@ -743,6 +761,8 @@ class Qcow2Driver(BlockDriver):
                 h.size = old
         async with self.lock:
             await self.update_header_fields(size=length)
+        for bitmap in self.node.dirty_bitmaps:
+            bitmap.resize(length)
         self.l2_cache_resize()
 
     async def _preallocate(self, start: int, end: int, mode: str) -> None:
