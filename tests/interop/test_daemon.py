@@ -177,7 +177,8 @@ def test_daemonize_and_pidfile(tmp_path: Path, image: Path) -> None:
     (["--blockdev", "driver=file,node-name=a,filename=/nonexistent/x"], "No such file"),
     (["--monitor", "chardev=nope"], 'chardev "nope" not found'),
     (["--object", "foo,id=x"], "Parameter 'qom-type' does not accept value 'foo'"),
-    (["--nbd-server", "addr.type=unix,addr.path=/tmp/x"], "not yet supported"),
+    (["--blockdev", "driver=null-co,node-name=n0", "--export", "type=nbd,id=e0,node-name=n0"],
+     "--export type=nbd,id=e0,node-name=n0: NBD server not running"),
     (["--bogus"], "unrecognized option '--bogus'"),
     (["extra"], "extra: Unexpected argument"),
 ])

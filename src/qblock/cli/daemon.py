@@ -1,10 +1,9 @@
 """``qblock daemon``: qemu-storage-daemon's command line and life cycle (REFERENCE §8).
 
 Options are processed in the order given, so a chardev or node must come before the option
-that uses it.  ``--nbd-server`` and ``--export`` are recognised but refused until qblock has an
-NBD server.  SIGTERM, SIGINT, SIGHUP and QMP ``quit`` shut down cleanly: clients are
-disconnected, BlockBackends and nodes flushed and closed (qcow2 clears its dirty bit), socket
-files and the pid file removed.
+that uses it; ``--export`` needs ``--nbd-server`` first.  SIGTERM, SIGINT, SIGHUP and QMP
+``quit`` shut down cleanly: NBD and QMP clients are disconnected, BlockBackends and nodes
+flushed and closed (qcow2 clears its dirty bit), socket files and the pid file removed.
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ from qblock.block.node import close_node, registry
 from qblock.block.open import open_node
 from qblock.errors import QBlockError
 from qblock.keyval import KeyvalError, parse_keyval, parse_option_arg, parse_qemu_opts, to_bool
+from qblock.monitor.commands import nbd as nbd_commands
 from qblock.monitor.commands.control import VERSION
 from qblock.monitor.context import BlockState
 from qblock.monitor.server import Listener, QmpServer, listen_tcp, listen_unix
@@ -53,7 +53,13 @@ QEMU storage daemon (qblock {__version__})
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete
 
-  --export, --nbd-server accepted on the command line, not yet supported
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,writable=on|off][,description=<description>][,allocation-depth=on|off]
+                         export the specified block node over NBD
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]
+                         start an NBD server for exporting block nodes
 
   --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
                          configure a QMP monitor
@@ -182,8 +188,10 @@ class Daemon:
             self.add_object(value)
         elif name == "pidfile":
             self.write_pidfile(value)
-        elif name in ("nbd-server", "export"):
-            raise QBlockError(f"--{name} is not yet supported by qblock (no NBD server yet)")
+        elif name == "nbd-server":
+            await nbd_commands.server_start_option(value)
+        elif name == "export":
+            await nbd_commands.export_option(self.state, value)
         return False
 
     async def add_chardev(self, text: str) -> None:
@@ -293,6 +301,7 @@ class Daemon:
         """
         ok = True
         await self.server.close()
+        ok &= await _reported(nbd_commands.shutdown(self.state))
         for backend in list(self.state.backends):
             ok &= await _reported(backend.close())
         self.state.backends.clear()

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "daemon": ("qblock.cli.daemon", "qemu-storage-daemon: block nodes served over QMP"),
     "demo": ("qblock.cli.demo", "write, read and trace a scratch image through the block graph"),
     "img": ("qblock.cli.img", "qemu-img: create, info, map, check, compare"),
+    "nbd": ("qblock.cli.nbd", "qemu-nbd: export a disk image over NBD"),
     "ctl": ("qblock.cli.ctl", "a QMP client for people: domblkinfo, block graph pictures"),
 }
 

@@ -1,0 +1,1 @@
+"""Block exports: serving nodes to clients outside the process."""

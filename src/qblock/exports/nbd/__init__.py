@@ -1,0 +1,1 @@
+"""The NBD export: sans-IO protocol core and its asyncio server."""
