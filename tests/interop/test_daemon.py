@@ -200,3 +200,28 @@ def test_help_version_and_iothread(tmp_path: Path) -> None:
     with running(argv, sock) as proc:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
+
+
+def test_quit_with_a_client_connected_is_silent(tmp_path: Path) -> None:
+    """quit while another client is attached: clean exit, nothing on stderr."""
+    argv, sock = qblock(tmp_path, "--blockdev", "driver=null-co,node-name=n0")
+    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(sock, proc)
+
+        async def scenario() -> None:
+            idle, quitter = qmp.QMPClient("idle"), qmp.QMPClient("quitter")
+            await idle.connect(str(sock))
+            await quitter.connect(str(sock))
+            await quitter.execute("quit")
+
+        try:
+            asyncio.run(scenario())
+        except EOFError:
+            pass  # qemu.qmp reports the server closing first, as it does with QEMU
+        assert proc.wait(timeout=20) == 0
+        assert proc.stderr is not None and proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -194,6 +194,8 @@ class QmpServer:
             self.sessions.add(task)
             try:
                 await Session(self, reader, writer, pretty).run()
+            except asyncio.CancelledError:
+                pass  # shutdown ends sessions; asyncio's stream callback must not see it raise
             finally:
                 self.sessions.discard(task)
 
