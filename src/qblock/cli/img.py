@@ -18,7 +18,7 @@ from qblock.block.backend import BlockBackend
 from qblock.block.node import close_node
 from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, Perm
-from qblock.cli import imgbitmap, imgcreate, imgfmt
+from qblock.cli import imgbitmap, imgconvert, imgcreate, imgfmt
 from qblock.cli.imginfo import image_info, path_combine, read_header
 from qblock.drivers.base import Status
 from qblock.errors import NotSupported, QBlockError
@@ -596,7 +596,8 @@ async def _compare(disk1: api.AsyncDisk, disk2: api.AsyncDisk, strict: bool, qui
 
 
 COMMANDS = {"create": cmd_create, "info": cmd_info, "map": cmd_map, "check": cmd_check,
-            "compare": cmd_compare, "bitmap": imgbitmap.main}
+            "compare": cmd_compare, "bitmap": imgbitmap.main,
+            "convert": imgconvert.cmd_convert}
 
 
 def main(argv: list[str]) -> int:

@@ -13,8 +13,10 @@ from qblock import __version__, trace
 SUBCOMMANDS = {
     "daemon": ("qblock.cli.daemon", "qemu-storage-daemon: block nodes served over QMP"),
     "demo": ("qblock.cli.demo", "write, read and trace a scratch image through the block graph"),
-    "img": ("qblock.cli.img", "qemu-img: create, info, map, check, compare"),
+    "img": ("qblock.cli.img", "qemu-img: create, info, map, check, compare, convert, bitmap"),
+    "io": ("qblock.cli.io", "qemu-io: run read/write/map commands on an image"),
     "nbd": ("qblock.cli.nbd", "qemu-nbd: export a disk image over NBD"),
+    "dump": ("qblock.cli.dump", "qcow2.py: dump and edit qcow2 header, extensions, tables"),
     "ctl": ("qblock.cli.ctl", "a QMP client for people: domblkinfo, block graph pictures"),
 }
 

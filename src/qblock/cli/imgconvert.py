@@ -1,0 +1,494 @@
+"""``qblock img convert``: qemu-img convert (qemu-img.c img_convert, convert_co_do_copy).
+
+Sources are concatenated; each range is classified by block status as data, zeroes or (with
+``-B``) left to the target's backing file.  Data is read in chunks of up to 2 MiB by ``-m``
+workers at once; writes stay in order unless ``-W``.  Zero runs of at least ``-S`` bytes inside
+data are not written when the new target reads as zeroes already.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import getopt
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qblock import api
+from qblock.block import io
+from qblock.cli import imgcreate, imgfmt
+from qblock.drivers.base import ReqFlags, Status
+from qblock.errors import QBlockError
+
+PROG = "qblock-img"
+SECTOR = 512
+IO_BUF_SECTORS = 2 * 1024 * 1024 // SECTOR  # qemu-img.c IO_BUF_SIZE
+MAX_BUF_SECTORS = 32768
+MAX_COROUTINES = 16
+# bdrv_parse_cache_mode(): accepted for -t/-T; the copy flushes the target once, at the end
+CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
+
+
+class Kind(enum.Enum):
+    """ImgConvertBlockStatus."""
+
+    DATA = 0
+    ZERO = 1
+    BACKING_FILE = 2
+
+
+class ConvertError(Exception):
+    """Conversion failed; the message is qemu-img's (without the program name)."""
+
+
+@dataclass
+class Converter:
+    """ImgConvertState: the sources, the target and the copy cursor."""
+
+    sources: list[api.AsyncDisk]
+    target: api.AsyncDisk
+    min_sparse: int = 8          # sectors; 0 = fully allocate (-S 0)
+    num_workers: int = 8
+    in_order: bool = True
+    compressed: bool = False
+    target_has_backing: bool = False
+    has_zero_init: bool = False
+    cluster_sectors: int = 0
+    alignment: int = 1
+    progress: bool = False
+    src_sectors: list[int] = field(default_factory=list)
+    total_sectors: int = 0
+    buf_sectors: int = IO_BUF_SECTORS
+
+    def __post_init__(self) -> None:
+        self.src_sectors = [-(-s.size // SECTOR) for s in self.sources]
+        self.total_sectors = sum(self.src_sectors)
+        self._next_status = 0
+        self._status = Kind.DATA
+        self._cursor = 0
+        self._wr_offs = 0
+        self._lock = asyncio.Lock()
+        self._turn = asyncio.Condition()
+        self._error: str | None = None
+        self._allocated = self._done = 0
+        self._printed = -1.0
+
+    def _select(self, sector: int) -> tuple[int, int]:
+        """convert_select_part(): the source holding ``sector`` and where that source starts."""
+        start = 0
+        for i, n in enumerate(self.src_sectors):
+            if sector - start < n:
+                return i, start
+            start += n
+        raise AssertionError("sector past the end of the sources")
+
+    async def _iteration_sectors(self, sector: int) -> int:
+        """convert_iteration_sectors(): the length and kind of the next chunk."""
+        idx, start = self._select(sector)
+        n = self.total_sectors - sector
+        if self._next_status <= sector:
+            src = self.sources[idx].node
+            offset = (sector - start) * SECTOR
+            count = min(n, self.src_sectors[idx] - (sector - start)) * SECTOR
+            count = min(count, self.sources[idx].size - offset) or SECTOR
+            try:
+                if self.target_has_backing:
+                    st = await io.block_status(src, offset, count)
+                else:
+                    st, _ = await io.block_status_above(src, None, offset, count)
+            except QBlockError as e:
+                raise ConvertError(f"error while reading block status at offset {offset}: "
+                                   f"{os.strerror(e.errno)}") from None
+            n = max(-(-st.pnum // SECTOR), 1)
+            if st.status & Status.ZERO:
+                self._status = Kind.ZERO
+            elif st.status & Status.DATA:
+                self._status = Kind.DATA
+            else:
+                self._status = Kind.BACKING_FILE if self.target_has_backing else Kind.DATA
+            self._next_status = sector + n
+        n = min(n, self._next_status - sector)
+        if self._status is Kind.DATA:
+            n = min(n, self.buf_sectors)
+        if self.compressed:
+            # whole clusters only: a short hole inside one is copied as data
+            if n < self.cluster_sectors:
+                n = min(self.cluster_sectors, self.total_sectors - sector)
+                self._status = Kind.DATA
+            else:
+                n -= n % self.cluster_sectors
+        return n
+
+    async def _read(self, sector: int, n: int) -> bytearray:
+        """convert_co_read(): across sources; a partial last sector reads as zeroes."""
+        buf = bytearray(n * SECTOR)
+        pos = 0
+        while pos < n:
+            idx, start = self._select(sector + pos)
+            src = self.sources[idx]
+            chunk = min(n - pos, self.src_sectors[idx] - (sector + pos - start))
+            offset = (sector + pos - start) * SECTOR
+            length = min(chunk * SECTOR, src.size - offset)
+            await src.readinto(offset, memoryview(buf)[pos * SECTOR:pos * SECTOR + length])
+            pos += chunk
+        return buf
+
+    def _runs(self, buf: bytearray, sector: int, n: int) -> list[tuple[bool, int]]:
+        """is_allocated_sectors_min() applied until the chunk is used up: (is_data, sectors)."""
+        nonzero = np.frombuffer(buf, dtype=np.uint8)[:n * SECTOR].reshape(n, SECTOR).any(axis=1)
+        changes = np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1
+
+        def allocated(pos: int, end: int) -> tuple[bool, int]:
+            """is_allocated_sectors(): the run at ``pos``, its end aligned to the target."""
+            is_data = bool(nonzero[pos])
+            k = int(np.searchsorted(changes, pos, side="right"))
+            run_end = int(changes[k]) if k < len(changes) else n
+            if run_end >= end:
+                return is_data, end - pos
+            i = run_end - pos
+            tail = (sector + pos + i) & (self.alignment - 1)
+            if tail:
+                if not is_data and i <= tail:
+                    is_data = True  # a zero area that is only a short tail counts as data
+                if is_data:
+                    i = min(i + self.alignment - tail, end - pos)
+                else:
+                    i -= tail
+            return is_data, i
+
+        out: list[tuple[bool, int]] = []
+        pos = 0
+        while pos < n:
+            is_data, num = allocated(pos, n)
+            if is_data:
+                used = checked = num
+                minimum = min(self.min_sparse, n - pos)
+                while pos + checked < n:
+                    d, num = allocated(pos + checked, n)
+                    checked += num
+                    if d:
+                        used = checked
+                    elif num >= minimum:
+                        break
+                num = used
+            out.append((is_data, num))
+            pos += num
+        return out
+
+    async def _write(self, sector: int, n: int, kind: Kind, buf: bytearray | None) -> None:
+        """convert_co_write()."""
+        blk = self.target.blk
+        if kind is Kind.BACKING_FILE:
+            return
+        if kind is Kind.DATA and buf is not None:
+            view = memoryview(buf)
+            if not self.min_sparse:
+                runs = [(True, n)]
+            elif self.compressed:
+                runs = [(bool(np.frombuffer(buf, dtype=np.uint8).any()), n)]
+            else:
+                runs = self._runs(buf, sector, n)
+            flags = ReqFlags.WRITE_COMPRESSED if self.compressed else ReqFlags.NONE
+            pos = 0
+            for is_data, num in runs:
+                if is_data:
+                    await blk.pwritev((sector + pos) * SECTOR,
+                                      view[pos * SECTOR:(pos + num) * SECTOR], flags)
+                elif not self.has_zero_init:
+                    await blk.pwrite_zeroes((sector + pos) * SECTOR, num * SECTOR,
+                                            ReqFlags.MAY_UNMAP)
+                pos += num
+            return
+        if not self.has_zero_init:
+            await blk.pwrite_zeroes(sector * SECTOR, n * SECTOR,
+                                    ReqFlags.MAY_UNMAP if self.min_sparse else ReqFlags.NONE)
+
+    def _report(self) -> None:
+        """qemu-progress.c progress_simple_print(), in steps of at least 1%."""
+        if not (self.progress and self._allocated):
+            return
+        current = 100.0 * self._done / self._allocated
+        if current - self._printed >= 1.0 or self._printed < 0:
+            self._printed = current
+            sys.stdout.write("    (%3.2f/100%%)\r" % current)
+            sys.stdout.flush()
+
+    async def _worker(self) -> None:
+        """convert_co_do_copy()."""
+        while True:
+            async with self._lock:
+                if self._error is not None or self._cursor >= self.total_sectors:
+                    return
+                sector = self._cursor
+                try:
+                    n = await self._iteration_sectors(sector)
+                except ConvertError as e:
+                    self._error = str(e)
+                    return
+                kind = self._status
+                if not self.min_sparse and kind is Kind.ZERO:
+                    n = min(n, self.buf_sectors)
+                self._cursor += n
+            if kind is Kind.DATA or (not self.min_sparse and kind is Kind.ZERO):
+                self._done += n
+                self._report()
+            buf = None
+            if kind is Kind.DATA:
+                try:
+                    buf = await self._read(sector, n)
+                except QBlockError as e:
+                    self._error = (f"error while reading at byte {sector * SECTOR}: "
+                                   f"{os.strerror(e.errno)}")
+            if self.in_order:
+                async with self._turn:
+                    await self._turn.wait_for(
+                        lambda: self._wr_offs == sector or self._error is not None)
+            if self._error is None:
+                try:
+                    await self._write(sector, n, kind, buf)
+                except QBlockError as e:
+                    self._error = (f"error while writing at byte {sector * SECTOR}: "
+                                   f"{os.strerror(e.errno)}")
+            if self.in_order:
+                async with self._turn:
+                    self._wr_offs = sector + n
+                    self._turn.notify_all()
+
+    async def run(self) -> None:
+        """convert_do_copy(): size the work (for progress only), then run the workers."""
+        if self.compressed:
+            self.buf_sectors = self.cluster_sectors
+        sector = 0
+        while self.progress and sector < self.total_sectors:
+            n = await self._iteration_sectors(sector)
+            if self._status is Kind.DATA or (not self.min_sparse and self._status is Kind.ZERO):
+                self._allocated += n
+            sector += n
+        self._next_status = 0
+        self._report()
+        await asyncio.gather(*(self._worker() for _ in range(self.num_workers)))
+        if self._error is not None:
+            raise ConvertError(self._error)
+
+
+@dataclass
+class Options:
+    """The parsed command line."""
+
+    fmt: str | None = None
+    out_fmt: str = "raw"
+    backing: str | None = None
+    backing_fmt: str | None = None
+    compressed: bool = False
+    create_opts: dict[str, str] = field(default_factory=dict)
+    has_opts: bool = False
+    min_sparse: int = 8
+    progress: bool = False
+    quiet: bool = False
+    skip_create: bool = False
+    num_workers: int = 8
+    in_order: bool = True
+    share: bool = False
+    target_is_zero: bool = False
+    args: list[str] = field(default_factory=list)
+
+
+def _error(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr)
+
+
+def parse(argv: list[str]) -> Options | None:
+    """img_convert()'s getopt loop and checks; None after printing an error."""
+    try:
+        pairs, args = getopt.gnu_getopt(argv, "hf:O:B:b:F:co:S:pt:T:qnm:WU",
+                                        ["help", "force-share", "target-is-zero"])
+    except getopt.GetoptError as e:
+        _error(e.msg)
+        return None
+    o = Options(args=args)
+    for opt, val in pairs:
+        if opt == "-f":
+            o.fmt = val
+        elif opt == "-O":
+            o.out_fmt = val
+        elif opt in ("-B", "-b"):
+            o.backing = val
+        elif opt == "-F":
+            o.backing_fmt = val
+        elif opt == "-c":
+            o.compressed = True
+        elif opt == "-o":
+            o.has_opts = True
+            for item in filter(None, val.split(",")):
+                key, _, value = item.partition("=")
+                o.create_opts[key] = value
+        elif opt == "-S":
+            try:
+                sval = imgfmt.parse_size(val)
+            except (ValueError, OverflowError):
+                _error(f"Invalid buffer size for sparse output specified: '{val}'")
+                return None
+            if sval % SECTOR or sval // SECTOR > MAX_BUF_SECTORS:
+                _error("Invalid buffer size for sparse output specified. Valid sizes are "
+                       f"multiples of {SECTOR} up to {MAX_BUF_SECTORS * SECTOR}. Select 0 to "
+                       "disable sparse detection (fully allocates output).")
+                return None
+            o.min_sparse = sval // SECTOR
+        elif opt in ("-t", "-T") and val not in CACHE_MODES:
+            _error(f"Invalid {'source ' if opt == '-T' else ''}cache option: {val}")
+            return None
+        elif opt == "-p":
+            o.progress = True
+        elif opt == "-q":
+            o.quiet = True
+        elif opt == "-n":
+            o.skip_create = True
+        elif opt == "-m":
+            try:
+                o.num_workers = int(val, 0)
+            except ValueError:
+                o.num_workers = 0
+            if not 1 <= o.num_workers <= MAX_COROUTINES:
+                _error("Invalid number of coroutines. Allowed number of coroutines is "
+                       f"between 1 and {MAX_COROUTINES}")
+                return None
+        elif opt == "-W":
+            o.in_order = False
+        elif opt in ("-U", "--force-share"):
+            o.share = True
+        elif opt == "--target-is-zero":
+            o.target_is_zero = True
+        elif opt in ("-h", "--help"):
+            print(__doc__)
+            return None
+    if o.skip_create and o.has_opts:
+        _error("-o has no effect when skipping image creation")
+        return None
+    if o.target_is_zero and not o.skip_create:
+        _error("--target-is-zero requires use of -n flag")
+        return None
+    if len(o.args) < 2:
+        _error("Must specify image file name")
+        return None
+    o.progress = o.progress and not o.quiet and sys.stdout.isatty()
+    return o
+
+
+async def _open(filename: str, fmt: str | None, *, read_only: bool,
+                share: bool = False) -> api.AsyncDisk:
+    try:
+        fmt = fmt or api.probe_format(filename)
+        if fmt not in ("raw", "qcow2"):
+            raise ConvertError(f"Unknown file format '{fmt}'")
+        return await api.open_async(filename, driver=fmt, read_only=read_only, share=share)
+    except OSError as e:
+        raise ConvertError(f"Could not open '{filename}': Could not open '{filename}': "
+                           f"{os.strerror(e.errno or 0)}") from None
+    except QBlockError as e:
+        raise ConvertError(f"Could not open '{filename}': {e}") from None
+
+
+async def _create(o: Options, filename: str, size: int) -> None:
+    """bdrv_create() of the target with the -o options and -B/-F backing."""
+    if o.out_fmt not in ("raw", "qcow2"):
+        raise ConvertError(f"Unknown file format '{o.out_fmt}'")
+    backing = o.backing or o.create_opts.get("backing_file")
+    if backing is not None and not (o.backing_fmt or o.create_opts.get("backing_fmt")):
+        raise ConvertError("Use of backing file requires explicit backing format")
+    if o.compressed and o.out_fmt != "qcow2":
+        raise ConvertError("Compression not supported for this file format")
+    if o.out_fmt == "raw":
+        for key in o.create_opts:
+            if key != "size":
+                raise ConvertError(f"Invalid parameter '{key}'")
+        if backing is not None:
+            raise ConvertError(f"{filename}: error while converting raw: Backing file not "
+                               "supported for file format 'raw'")
+        try:
+            with open(filename, "wb") as f:
+                f.truncate(size)
+                # file-posix allocate_first_block(): a new file's first block is written so
+                # that alignment probing works; it shows as data in qemu-img map
+                f.write(bytes(min(size, 4096)))
+        except OSError as e:
+            raise ConvertError(f"{filename}: error while converting raw: "
+                               f"Could not create '{filename}': {os.strerror(e.errno or 0)}"
+                               ) from None
+        return
+    from qblock.drivers.qcow2.create import create
+
+    try:
+        kwargs = imgcreate.qcow2_create_kwargs(o.create_opts)
+    except imgcreate.CreateOptionError as e:
+        raise ConvertError(str(e)) from None
+    kwargs.pop("size", None)
+    if o.backing is not None:
+        kwargs["backing_file"] = o.backing
+    if o.backing_fmt is not None:
+        kwargs["backing_fmt"] = o.backing_fmt
+    reason = imgcreate.unsupported(kwargs)
+    if reason is not None:
+        raise ConvertError(f"{filename}: error while converting qcow2: {reason}")
+    for key in ("nocow", "extent_size_hint"):
+        kwargs.pop(key, None)
+    try:
+        await create(filename, size, **kwargs)
+    except (QBlockError, OSError) as e:
+        msg = os.strerror(e.errno or 0) if isinstance(e, OSError) else str(e)
+        raise ConvertError(f"{filename}: error while converting qcow2: {msg}") from None
+
+
+async def _convert(o: Options) -> None:
+    *src_names, out_name = o.args
+    sources: list[api.AsyncDisk] = []
+    target: api.AsyncDisk | None = None
+    try:
+        for name in src_names:
+            sources.append(await _open(name, o.fmt, read_only=True, share=o.share))
+        total = sum(-(-s.size // SECTOR) for s in sources) * SECTOR
+        backing = o.backing or o.create_opts.get("backing_file")
+        if backing is not None and len(sources) > 1:
+            raise ConvertError("Having a backing file for the target makes no sense when "
+                               "concatenating multiple input images")
+        if not o.skip_create:
+            await _create(o, out_name, total)
+        target = await _open(out_name, o.out_fmt, read_only=False)
+        if o.skip_create and target.size < total:
+            raise ConvertError("output file is smaller than input file")
+        is_qcow2 = target.node.drv.format_name == "qcow2"
+        if o.compressed and not is_qcow2:
+            raise ConvertError("Compression not supported for this file format")
+        conv = Converter(sources, target, min_sparse=o.min_sparse,
+                         num_workers=o.num_workers, in_order=o.in_order,
+                         compressed=o.compressed, target_has_backing=backing is not None,
+                         progress=o.progress)
+        conv.has_zero_init = o.target_is_zero or (
+            not o.skip_create and bool(o.min_sparse) and backing is None)
+        conv.cluster_sectors = (target.node.drv.header.cluster_size // SECTOR if is_qcow2
+                                else 0)
+        # qemu-img.c: align writes to -S (a power of two) and the target's request alignment
+        sparse_pow2 = 1 << (o.min_sparse.bit_length() - 1) if o.min_sparse else 1
+        conv.alignment = max(sparse_pow2, -(-target.node.request_alignment // SECTOR))
+        await conv.run()
+        if o.progress:
+            sys.stdout.write("    (100.00/100%)\r\n")
+    finally:
+        if target is not None:
+            await target.close()
+        for src in sources:
+            await src.close()
+
+
+async def cmd_convert(argv: list[str]) -> int:
+    """Entry point of ``qblock img convert``; exit status 0 or 1 like qemu-img."""
+    o = parse(argv)
+    if o is None:
+        return 0 if "-h" in argv or "--help" in argv else 1
+    try:
+        await _convert(o)
+    except ConvertError as e:
+        _error(str(e))
+        return 1
+    return 0
