@@ -261,8 +261,11 @@ class ClusterMap:
     def _l2_base(self, slice_offset: int) -> int:
         return slice_offset - slice_offset % self.cs
 
-    async def lookup(self, offset: int, length: int) -> list[Run]:
-        """Runs covering [offset, offset+length), at most up to the end of one L2 slice."""
+    async def lookup(self, offset: int, length: int, *, first_only: bool = False) -> list[Run]:
+        """Runs covering [offset, offset+length), at most up to the end of one L2 slice.
+
+        ``first_only`` stops after the first run (block status needs no more).
+        """
         cs = self.cs
         gc = offset // cs
         slc = await self.get_slice(gc)
@@ -315,6 +318,8 @@ class ClusterMap:
                 e = entries[cl, 0] if self.extended else entries[cl]
                 run.entry = int(e)
             runs.append(run)
+            if first_only:
+                break
         return runs
 
     def _lookup_one(self, e: int, offset: int, length: int, slc: Slice, idx: int) -> Run:

@@ -692,7 +692,7 @@ class Qcow2Driver(BlockDriver):
         async with self.lock:
             if self.metadata_preallocation is None:
                 self.metadata_preallocation = await self._detect_metadata_preallocation()
-            run = (await self.map.lookup(offset, length))[0]
+            run = (await self.map.lookup(offset, length, first_only=True))[0]
         status = Status.NONE
         file = None
         host = 0
