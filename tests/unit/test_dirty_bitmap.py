@@ -26,7 +26,7 @@ class Model:
         end = min(offset + length, self.size)
         for k in range(len(self.bits)):
             lo, hi = k * self.gran, min((k + 1) * self.gran, self.size)
-            if value and lo < end and offset < hi:
+            if value and length > 0 and lo < end and offset < hi:
                 self.bits[k] = True
             elif not value and offset <= lo and hi <= end:
                 self.bits[k] = False

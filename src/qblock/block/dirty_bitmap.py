@@ -309,6 +309,8 @@ def dirty_info(node: BlockNode) -> list[dict[str, object]]:
         info: dict[str, object] = {"name": bm.name, "count": bm.count(),
                                    "granularity": bm.granularity, "recording": bm.recording,
                                    "busy": bm.busy, "persistent": bm.persistent}
+        if bm.name is None:  # an anonymous bitmap (a backup's successor) has no name member
+            del info["name"]
         if bm.inconsistent:
             info["inconsistent"] = True
         out.append(info)
