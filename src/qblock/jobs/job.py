@@ -188,14 +188,19 @@ class Job:
             raise JobCancelled
 
     async def sleep(self, seconds: float) -> None:
-        """job_sleep_ns(): a sleep that pause, resume, cancel and complete cut short."""
-        self.busy = False
-        self._wake.clear()
-        try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
-        self.busy = True
+        """job_sleep_ns(): a sleep that pause, resume, cancel and complete cut short.
+
+        The wake-up event is cleared after the sleep, not before, so a verb that arrived just
+        before the job went to sleep is not lost (at worst a sleep ends early).
+        """
+        if not self.is_cancelled():
+            self.busy = False
+            try:
+                await asyncio.wait_for(self._wake.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            self.busy = True
         await self.pause_point()
 
     def kick(self) -> None:
