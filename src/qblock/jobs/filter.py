@@ -26,6 +26,8 @@ class FilterTopDriver(BlockDriver):
     def __init__(self, name: str, *, takes_perms: bool) -> None:
         self.format_name = name  # type: ignore[misc]  # per instance: commit_top or mirror_top
         self.takes_perms = takes_perms
+        self.is_commit = True  # a mirror (not a commit) forwards its parents' permissions
+        self.stopped = False  # mirror.c MirrorBDSOpaque.stop: the job no longer uses the child
         self.on_write: Callable[[int, int], None] | None = None
         self.redirect: BlockNode | None = None
         self.in_flight = 0
@@ -48,8 +50,12 @@ class FilterTopDriver(BlockDriver):
         # commit.c bdrv_commit_top_child_perm(): commit_top takes nothing, shares everything
         if not self.takes_perms:
             return PERM_NONE, PERM_ALL
+        if self.stopped:
+            return PERM_NONE, PERM_ALL
         # mirror.c bdrv_mirror_top_child_perm(): only forwards guest writes, shares through
-        _, child_shared = self.node.default_child_perms(edge, perm, shared)
+        child_perm, child_shared = self.node.default_child_perms(edge, perm, shared)
+        if not self.is_commit:
+            return child_perm, child_shared
         return perm & Perm.WRITE, child_shared
 
     async def _request(self, op: Callable[[BlockNode], Any], offset: int, length: int,

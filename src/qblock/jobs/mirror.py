@@ -1,28 +1,39 @@
-"""Active commit, mirror-style (block/mirror.c commit_active_start; REFERENCE 5 "Active commit").
+"""Mirror and active commit (block/mirror.c; REFERENCE 4.3 and 5 "Active commit / mirror").
 
-A ``mirror_top`` filter goes above the active layer ``top``; guest writes pass through it and
-mark a dirty bitmap.  The job copies the dirty chunks (first: everything allocated above base)
-into base, goes READY when base is in sync and keeps mirroring.  job-complete drains the
-filter, copies the last dirty chunks and pivots every parent onto base; a soft cancel of a READY
-job ends it without the pivot.
+A ``mirror_top`` filter goes above the source; guest writes pass through it and mark a dirty
+bitmap.  The job copies the dirty chunks (first: what ``sync`` selects) into the target, goes
+READY when the target is in sync and keeps mirroring.  job-complete drains the filter, copies
+the last dirty chunks and pivots every parent onto the target; a soft cancel of a READY job
+ends it without the pivot, the target then holds a consistent copy.
 """
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import numpy as np
 
 from qblock.block import io
 from qblock.block.backend import BlockBackend
-from qblock.block.graph import detach_child, replace_node
+from qblock.block.graph import detach_child, refresh_perms, replace_node
 from qblock.block.node import BlockNode, unref_if_unused
 from qblock.block.perm import PERM_ALL, PERM_NONE, Perm
-from qblock.drivers.base import Status
+from qblock.drivers.base import ReqFlags, Status
+from qblock.errors import InvalidArgument, QBlockError
 from qblock.jobs.blockjob import BlockJob
 from qblock.jobs.commit import chain_between
 from qblock.jobs.filter import FilterTopDriver, insert_filter, remove_filter, undo_insert
 
 MAX_IO_BYTES = 1 << 20  # mirror.c MAX_IO_BYTES
+DEFAULT_MIRROR_BUF_SIZE = 1 << 20  # mirror.c DEFAULT_MIRROR_BUF_SIZE
+
+
+class BackingMode(enum.Enum):
+    """mirror.c MirrorBackingMode: what the target's backing is after the job."""
+
+    SOURCE_BACKING_CHAIN = "source"  # the target gets the source's backing (drive-mirror)
+    OPEN_BACKING_CHAIN = "open"  # the target opens its header's (drive-mirror, existing)
+    LEAVE_BACKING_CHAIN = "leave"  # the target keeps its own (blockdev-mirror)
 
 
 def default_granularity(node: BlockNode) -> int:
@@ -33,17 +44,38 @@ def default_granularity(node: BlockNode) -> int:
     return min(max(header.cluster_size, 4096), 65536)
 
 
-class ActiveCommitJob(BlockJob):
-    """Commit of the active layer: READY once base is in sync, pivots on job-complete."""
+def check_granularity(granularity: int) -> None:
+    """blockdev.c blockdev_mirror_common(): a power of 2 in [512B, 64MB]."""
+    if granularity != 0 and not 512 <= granularity <= 64 << 20:
+        raise InvalidArgument("Parameter 'granularity' expects a value in range [512B, 64MB]")
+    if granularity & (granularity - 1):
+        raise InvalidArgument("Parameter 'granularity' expects a power of 2")
 
-    job_type = "commit"
 
-    def __init__(self, job_id: str, jobs: dict[str, Any], events: Any, top: BlockNode,
-                 base: BlockNode, *, filter_node_name: str | None = None, **kw: Any) -> None:
-        self.top, self.base = top, base
-        self.filter = insert_filter("mirror_top", top, filter_node_name, takes_perms=True,
+class MirrorJob(BlockJob):
+    """Copy ``source`` into ``target`` while writes go on; READY, then pivot on complete."""
+
+    job_type = "mirror"
+
+    def __init__(self, job_id: str, jobs: dict[str, Any], events: Any, source: BlockNode,
+                 target: BlockNode, *, base: BlockNode | None = None, sync_none: bool = False,
+                 backing_mode: BackingMode = BackingMode.LEAVE_BACKING_CHAIN,
+                 to_replace: BlockNode | None = None, granularity: int = 0,
+                 buf_size: int = 0, zero_target: bool = False, unmap: bool = True,
+                 filter_node_name: str | None = None, **kw: Any) -> None:
+        if buf_size < 0:
+            raise InvalidArgument("Invalid parameter 'buf-size'")
+        self.top, self.target_node, self.base = source, target, base
+        self.is_commit = target is base and base is not None
+        self.sync_none, self.backing_mode = sync_none, backing_mode
+        self.to_replace = to_replace or source
+        self.zero_target, self.unmap = zero_target, unmap
+        self.buf_size = buf_size or DEFAULT_MIRROR_BUF_SIZE
+        self.filter = insert_filter("mirror_top", source, filter_node_name, takes_perms=True,
                                     keep=[])
-        self.base_read_only = base.read_only
+        assert isinstance(self.filter.drv, FilterTopDriver)
+        self.filter.drv.is_commit = self.is_commit
+        self.target_read_only = target.read_only
         self.target: BlockBackend | None = None
         self.pivoted = False
         try:
@@ -53,30 +85,34 @@ class ActiveCommitJob(BlockJob):
             undo_insert(self.filter)
             raise
         try:
-            if self.base_read_only:
-                base.set_read_only(False)
-            perm = Perm.WRITE | (Perm.RESIZE if base.length() < top.length() else PERM_NONE)
-            self.target = BlockBackend(base, perm, Perm.WRITE_UNCHANGED | Perm.CONSISTENT_READ
-                                       | Perm.WRITE, desc=self.parent_desc())
+            if self.target_read_only:
+                target.set_read_only(False)
+            perm, shared = Perm.WRITE, Perm.WRITE_UNCHANGED
+            if self.is_commit:
+                if target.length() < source.length():
+                    perm |= Perm.RESIZE
+                shared |= Perm.CONSISTENT_READ | Perm.WRITE
+            self.target = BlockBackend(target, perm, shared, desc=self.parent_desc())
             self.backends.append(self.target)
-            self.add_node(top, "source", PERM_NONE,
+            self.add_node(source, "source", PERM_NONE,
                           Perm.WRITE_UNCHANGED | Perm.WRITE | Perm.CONSISTENT_READ)
-            for node in chain_between(top, base)[1:]:
-                self.add_node(node, "intermediate node", PERM_NONE,
-                              Perm.WRITE_UNCHANGED | Perm.WRITE)
-            self.add_node(base, "target", PERM_NONE, PERM_ALL)
+            if self.is_commit:
+                for node in chain_between(source, target)[1:]:
+                    self.add_node(node, "intermediate node", PERM_NONE,
+                                  Perm.WRITE_UNCHANGED | Perm.WRITE)
+            self.add_node(target, "target", PERM_NONE, PERM_ALL)
         except Exception:
             self.remove_nodes()
             if self.target is not None and self.target.root is not None:
                 detach_child(self.target.root)
                 self.target.root = None
-            if self.base_read_only:
-                base.set_read_only(True)
+            if self.target_read_only:
+                target.set_read_only(True)
             undo_insert(self.filter)
             self.jobs.pop(self.id, None)
             raise
-        self.granularity = default_granularity(base)
-        self.dirty = np.zeros(-(-top.length() // self.granularity), dtype=bool)
+        self.granularity = granularity or default_granularity(target)
+        self.dirty = np.zeros(-(-source.length() // self.granularity), dtype=bool)
         drv = self.filter.drv
         assert isinstance(drv, FilterTopDriver)
         self.filter_drv = drv
@@ -94,7 +130,19 @@ class ActiveCommitJob(BlockJob):
         return int(np.count_nonzero(self.dirty)) * self.granularity
 
     async def _init_dirty(self, length: int) -> None:
-        """mirror_dirty_init(): everything allocated above base is dirty."""
+        """mirror_dirty_init(): zero the target if asked, then mark what sync selects."""
+        assert self.target is not None
+        if self.zero_target:
+            # bdrv_can_write_zeroes_with_unmap(): only a node opened with discard=unmap
+            if not self.target_node.unmap:
+                self._mark_dirty(0, length)
+                return
+            for offset in range(0, length, MAX_IO_BYTES):
+                await self.target.pwrite_zeroes(offset, min(MAX_IO_BYTES, length - offset),
+                                                ReqFlags.MAY_UNMAP)
+                await self.pause_point()
+        if self.sync_none:
+            return
         offset = 0
         while offset < length:
             st, depth = await io.block_status_above(self.top, self.base, offset, length - offset)
@@ -104,18 +152,20 @@ class ActiveCommitJob(BlockJob):
             await self.pause_point()
 
     async def _copy_next(self, length: int) -> None:
-        """mirror_iteration(): one run of contiguous dirty chunks, at most MAX_IO_BYTES."""
+        """mirror_iteration(): one run of contiguous dirty chunks, at most buf-size bytes."""
         assert self.target is not None
         g = self.granularity
         first = int(np.argmax(self.dirty))
-        limit = min(len(self.dirty), first + MAX_IO_BYTES // g)
+        limit = min(len(self.dirty), first + max(1, min(MAX_IO_BYTES, self.buf_size) // g))
         clean = np.flatnonzero(~self.dirty[first:limit])
         end = first + int(clean[0]) if len(clean) else limit
         self.dirty[first:end] = False
         offset, n = first * g, min(end * g, length) - first * g
         st, depth = await io.block_status_above(self.top, self.base, offset, n)
-        if depth > 0 and st.status & Status.ZERO and st.pnum == n:
+        if st.pnum == n and st.status & Status.ZERO and depth > 0:
             await self.target.pwrite_zeroes(offset, n)
+        elif st.pnum == n and depth == 0 and self.base is None and self.unmap:
+            await self.target.pwrite_zeroes(offset, n, ReqFlags.MAY_UNMAP)
         else:
             buf = bytearray(n)
             await io.node_preadv(self.top, offset, memoryview(buf))
@@ -127,8 +177,11 @@ class ActiveCommitJob(BlockJob):
     async def run(self) -> None:
         assert self.target is not None
         length = self.top.length()
-        if self.base.length() < length:
-            await self.target.truncate(length)
+        if self.is_commit:
+            if self.target_node.length() < length:
+                await self.target.truncate(length)
+        elif self.target_node.length() != length:
+            raise QBlockError("Source and target image have different sizes")
         await self._init_dirty(length)
         self.progress_total = self._remaining()
         while True:
@@ -148,12 +201,30 @@ class ActiveCommitJob(BlockJob):
             await self.sleep(1.0)
 
     async def prepare(self) -> None:
-        """mirror_exit_common(): pivot every parent of the filter onto base."""
+        """mirror_exit_common(): the target's backing, then every parent onto the target."""
+        # the filter stops forwarding permissions: the source may become the target's backing
+        self.filter_drv.stopped = True
+        refresh_perms([self.filter])
+        if self.backing_mode is BackingMode.SOURCE_BACKING_CHAIN:
+            backing = self.top if self.sync_none else self.base
+            if self.target_node.cow_child() is None and backing is not None:
+                self.target_node.set_backing(backing)
+        elif self.backing_mode is BackingMode.OPEN_BACKING_CHAIN:
+            if self.target_node.cow_child() is None and hasattr(self.target_node.drv,
+                                                                "_open_backing"):
+                await self.target_node.drv._open_backing({})  # bdrv_open_backing_file()
         if self.cancelled:
-            return  # soft cancel of a READY job: base keeps a point-in-time copy
-        self.base.set_read_only(self.top.read_only)
-        replace_node(self.filter, self.base, keep=list(self.nodes))
-        self.filter_drv.release(self.base)
+            return  # soft cancel of a READY job: the target keeps a point-in-time copy
+        assert self.target is not None
+        # the job's own WRITE user goes first: the parents moving over may not share it
+        await self.target.close()
+        self.backends.clear()
+        self.target_node.set_read_only(self.to_replace.read_only)
+        if self.to_replace is self.top:
+            replace_node(self.filter, self.target_node, keep=list(self.nodes))
+        else:
+            replace_node(self.to_replace, self.target_node, keep=list(self.nodes))
+        self.filter_drv.release(self.target_node)
         self.pivoted = True
 
     async def clean(self) -> None:
@@ -162,7 +233,18 @@ class ActiveCommitJob(BlockJob):
         self.backends.clear()
         held = self.remove_nodes()
         top = await remove_filter(self.filter, [])
-        if not self.pivoted and self.base_read_only:
-            self.base.set_read_only(True)
+        if not self.pivoted and self.target_read_only:
+            self.target_node.set_read_only(True)
         for node in [top, *held]:
             await unref_if_unused(node)
+
+
+class ActiveCommitJob(MirrorJob):
+    """Commit of the active layer: READY once base is in sync, pivots on job-complete."""
+
+    job_type = "commit"
+
+    def __init__(self, job_id: str, jobs: dict[str, Any], events: Any, top: BlockNode,
+                 base: BlockNode, *, filter_node_name: str | None = None, **kw: Any) -> None:
+        super().__init__(job_id, jobs, events, top, base, base=base,
+                         filter_node_name=filter_node_name, **kw)
