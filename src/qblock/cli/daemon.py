@@ -22,6 +22,7 @@ from qblock.block.node import close_node, registry
 from qblock.block.open import open_node
 from qblock.errors import QBlockError
 from qblock.keyval import KeyvalError, parse_keyval, parse_option_arg, parse_qemu_opts, to_bool
+from qblock.exports.nbd import tls as nbd_tls
 from qblock.monitor.commands import nbd as nbd_commands
 from qblock.monitor.commands.control import VERSION
 from qblock.monitor.context import BlockState
@@ -66,6 +67,8 @@ QEMU storage daemon (qblock {__version__})
 
   --object iothread,id=<id>
                          accepted (qblock runs every node in one event loop)
+  --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server|client[,verify-peer=on|off]
+                         TLS credentials for the NBD server or an nbd node
 
   --pidfile <path>       write process ID to a file after startup
 """
@@ -147,6 +150,7 @@ class Daemon:
         return status
 
     async def _serve(self, ready_fd: int | None) -> int:
+        self._install_signals()  # before any socket exists: a signal then stops us cleanly
         for name, value in self.options:
             try:
                 if await self.apply(name, value):
@@ -155,7 +159,6 @@ class Daemon:
                 where = f"--{name} {value}" if value is not None else f"--{name}"
                 print(f"{PROG}: {where}: {_message(exc)}", file=sys.stderr)
                 return 1
-        self._install_signals()
         if ready_fd is not None:
             _notify_parent(ready_fd)
         waits = {asyncio.create_task(self.server.quit_event.wait()),
@@ -255,14 +258,18 @@ class Daemon:
         await self.server.add_monitor(listener, pretty=pretty)
 
     def add_object(self, text: str) -> None:
-        """``--object iothread,id=ID``: accepted; other QOM types are unknown to qblock."""
+        """``--object iothread,id=ID`` (accepted) or ``tls-creds-x509`` (NBD TLS);
+        other QOM types are unknown to qblock."""
         if text == "help":
-            print("List of user creatable objects:\n  iothread")
+            print("List of user creatable objects:\n  iothread\n  tls-creds-x509")
             return
         props = parse_keyval(text, "qom-type")
         qom_type = props.get("qom-type")
         if qom_type is None:
             raise KeyvalError("Parameter 'qom-type' is missing")
+        if qom_type == "tls-creds-x509":
+            nbd_tls.add_object(props)
+            return
         if qom_type != "iothread":
             raise KeyvalError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
         if "id" not in props:
