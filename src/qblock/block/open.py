@@ -24,6 +24,7 @@ _DRIVERS = {
     "null-co": "qblock.drivers.null:NullDriver",
     "null-aio": "qblock.drivers.null:NullAioDriver",
     "qcow2": "qblock.drivers.qcow2.driver:Qcow2Driver",
+    "nbd": "qblock.drivers.nbd:NbdDriver",
 }
 
 

@@ -15,8 +15,10 @@ import sys
 from qblock.block.node import close_node
 from qblock.api import image_options
 from qblock.block.open import open_node
-from qblock.errors import QBlockError
-from qblock.exports.nbd.server import Export, NbdServer
+from qblock.errors import InvalidArgument, QBlockError
+from qblock.exports.nbd import tls
+from qblock.exports.nbd.server import Export, NbdServer, find_chain_bitmap
+from qblock.keyval import parse_keyval
 
 PROG = "qblock nbd"
 
@@ -31,29 +33,36 @@ Exports a QEMU disk image using the NBD protocol.
   -e, --shared=NUM          device can be shared by NUM clients (default '1')
   -t, --persistent          don't exit on the last connection
   -x, --export-name=NAME    expose export by name (default is empty string)
+  -B, --bitmap=NAME         expose a persistent dirty bitmap
   -D, --description=TEXT    export a human-readable description
   -r, --read-only           export read-only
   -f, --format=FORMAT       set image format (raw, qcow2, ...)
+      --object type,id=ID,...  define an object such as 'tls-creds-x509'
+      --tls-creds=ID        use id of an earlier --object to provide TLS
       --fork                fork off the server process and exit the parent
                             once the server is running
 """
 
-_SHORT = "hp:b:k:e:tx:D:rf:"
+_SHORT = "hp:b:k:e:tx:D:rf:B:"
 _LONG = ["help", "port=", "bind=", "socket=", "shared=", "persistent", "export-name=",
-         "description=", "read-only", "format=", "fork"]
+         "description=", "read-only", "format=", "fork", "bitmap=", "object=", "tls-creds="]
 
 
-async def serve(image: str, opts: dict[str, str], ready_fd: int | None) -> int:
-    """Open the image, export it, serve until done; the exit status."""
+async def serve(image: str, opts: dict[str, str], ready_fd: int | None,
+                bitmaps: list[str] | None = None) -> int:
+    """Open the image, export it (with the dirty ``bitmaps`` named by -B), serve until done;
+    the exit status."""
     read_only = "read-only" in opts
     shared = int(opts.get("shared", "1"))
     node = await open_node(image_options(image, driver=opts.get("format")), read_only=read_only,
                            implicit=True)
-    server = NbdServer(max_connections=shared, handshake_max_seconds=0)
+    tls_ctx = tls.lookup(opts["tls-creds"]) if "tls-creds" in opts else None
+    server = NbdServer(max_connections=shared, handshake_max_seconds=0, tls=tls_ctx)
     try:
+        found = [find_chain_bitmap(node, name, not read_only) for name in bitmaps or []]
         server.add_export(Export("", node, opts.get("export-name", ""), writable=not read_only,
                                  description=opts.get("description"),
-                                 multi_conn=shared != 1))
+                                 multi_conn=shared != 1, bitmaps=found))
         if "socket" in opts:
             await server.listen({"type": "unix", "path": opts["socket"]})
         else:
@@ -70,6 +79,15 @@ async def serve(image: str, opts: dict[str, str], ready_fd: int | None) -> int:
         await server.close()
         await close_node(node)
     return 0
+
+
+def _add_object(text: str) -> None:
+    """``--object tls-creds-x509,id=ID,dir=DIR,endpoint=server`` (the only type served)."""
+    props = parse_keyval(text, "qom-type")
+    if props.get("qom-type") != "tls-creds-x509":
+        raise InvalidArgument(f"Parameter 'qom-type' does not accept value "
+                              f"'{props.get('qom-type')}'")
+    tls.add_object(props)
 
 
 def _detach(ready_fd: int) -> None:
@@ -104,6 +122,14 @@ def main(argv: list[str]) -> int:
              "t": "persistent", "x": "export-name", "D": "description", "r": "read-only",
              "f": "format"}
     opts = {names.get(k.lstrip("-"), k.lstrip("-")): v for k, v in pairs}
+    bitmaps = [v for k, v in pairs if k in ("-B", "--bitmap")]
+    try:
+        for k, v in pairs:
+            if k == "--object":
+                _add_object(v)
+    except QBlockError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
     if "help" in opts:
         print(HELP, end="")
         return 0
@@ -120,7 +146,7 @@ def main(argv: list[str]) -> int:
         os.setsid()
         ready_fd = wfd
     try:
-        return asyncio.run(serve(args[0], opts, ready_fd))
+        return asyncio.run(serve(args[0], opts, ready_fd, bitmaps))
     except (QBlockError, OSError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1

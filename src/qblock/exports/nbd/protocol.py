@@ -141,6 +141,7 @@ ALLOCATION_DEPTH = "qemu:allocation-depth"
 DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
+STATE_DIRTY = 1 << 0  # proto.md "qemu:dirty-bitmap:" context: bit 0 set = dirty
 
 
 class ProtocolError(Exception):
@@ -162,12 +163,15 @@ class ExportInfo:
     min_block: int = 1
     multi_conn: bool = True
     allocation_depth: bool = False
+    bitmaps: tuple[str, ...] = ()
 
     def contexts(self) -> list[tuple[int, str]]:
-        """(id, name) of every meta context this export offers."""
+        """(id, name) of every meta context this export offers (server.c NBD_META_ID_*:
+        base:allocation 0, qemu:allocation-depth 1, dirty bitmap i is 2 + i)."""
         out = [(0, BASE_ALLOCATION)]
         if self.allocation_depth:
             out.append((1, ALLOCATION_DEPTH))
+        out += [(2 + i, DIRTY_BITMAP_PREFIX + name) for i, name in enumerate(self.bitmaps)]
         return out
 
     def tflags(self, structured: bool) -> int:
@@ -207,12 +211,17 @@ class Closed:
     """The client ended the session (ABORT or DISC); finish outstanding requests and close."""
 
 
+class StartTLS:
+    """STARTTLS was accepted: send the pending data, then run the TLS handshake on the
+    socket before feeding more bytes."""
+
+
 class NeedData:
     """No complete event in the buffer yet."""
 
 
 NEED_DATA = NeedData()
-Event = Request | Ready | Closed | NeedData
+Event = Request | Ready | Closed | StartTLS | NeedData
 
 
 class Phase(enum.Enum):
@@ -235,8 +244,10 @@ class ServerConnection:
     asks, so the server can add and remove exports while connections negotiate.
     """
 
-    def __init__(self, exports: Mapping[str, ExportInfo]) -> None:
+    def __init__(self, exports: Mapping[str, ExportInfo], tls: bool = False) -> None:
         self.exports = exports
+        self.tls_required = tls
+        self.tls_active = False
         self.phase = Phase.CLIENT_FLAGS
         self.fixed_newstyle = False
         self.no_zeroes = False
@@ -330,6 +341,9 @@ class ServerConnection:
 
     def _handle_option(self, option: int, data: bytes) -> None:
         """server.c nbd_negotiate_options(): one option, its replies."""
+        if self.tls_required and not self.tls_active:
+            self._before_tls(option, data)
+            return
         if option == Opt.EXPORT_NAME:
             self._export_name(data)
             return
@@ -348,7 +362,10 @@ class ServerConnection:
                 self._rep(option, Rep.SERVER, payload + (exp.description or "").encode())
             self._rep(option, Rep.ACK)
         elif option == Opt.STARTTLS:
-            self._rep_err(option, Rep.ERR_POLICY, "TLS not configured")
+            if self.tls_active:
+                self._rep_err(option, Rep.ERR_INVALID, "TLS already enabled")
+            else:
+                self._rep_err(option, Rep.ERR_POLICY, "TLS not configured")
         elif option == Opt.STRUCTURED_REPLY:
             if self.structured:
                 self._rep_err(option, Rep.ERR_INVALID, "structured reply already negotiated")
@@ -361,6 +378,24 @@ class ServerConnection:
             self._meta_context(option, data)
         else:
             self._rep_err(option, Rep.ERR_UNSUP, f"Unsupported option {option}")
+
+    def _before_tls(self, option: int, data: bytes) -> None:
+        """server.c nbd_negotiate_options(): with TLS credentials only STARTTLS is allowed
+        until the channel is encrypted; the rest get TLS_REQD (ABORT then closes)."""
+        if option == Opt.STARTTLS:
+            if data or self._in:
+                raise self._fail("STARTTLS with unexpected data")
+            self._rep(option, Rep.ACK)
+            self.tls_active = True
+            self._events.append(StartTLS())
+        elif option == Opt.EXPORT_NAME:
+            raise self._fail(f"Option 0x{option:x} not permitted before TLS")
+        else:
+            self._rep_err(option, Rep.ERR_TLS_REQD,
+                          f"Option 0x{option:x} not permitted before TLS")
+            if option == Opt.ABORT:
+                self.phase = Phase.CLOSED
+                self._events.append(Closed())
 
     def _export_name(self, data: bytes) -> None:
         """NBD_OPT_EXPORT_NAME: no option reply; an unknown export drops the connection."""

@@ -12,10 +12,12 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 from typing import Any
 
 from qblock.block import io
 from qblock.block.backend import BlockBackend
+from qblock.block.dirty_bitmap import CHECK_ALLOW_RO, DirtyBitmap, check_bitmap, find_bitmap
 from qblock.block.node import BlockNode
 from qblock.block.perm import PERM_ALL, Perm
 from qblock.drivers.base import ReqFlags, Status
@@ -26,14 +28,33 @@ MAX_NBD_REQUESTS = 16  # nbd/server.c: requests in flight per client
 CACHE_CHUNK = 1 << 20
 
 
+def find_chain_bitmap(node: BlockNode, name: str, writable: bool) -> DirtyBitmap:
+    """nbd_export_create(): a bitmap named by string is looked up on the exported node, then
+    down its filtered or COW children; an enabled bitmap on a writable node cannot be
+    exported read-only (its contents could change under the client)."""
+    bs: BlockNode | None = node
+    while bs is not None:
+        bitmap = find_bitmap(bs, name)
+        if bitmap is not None:
+            if not writable and not bs.read_only and bitmap.enabled:
+                raise QBlockError(f"Enabled bitmap '{name}' incompatible with readonly export")
+            return bitmap
+        child = bs.filtered_child() or bs.cow_child()
+        bs = child.node if child is not None else None
+    raise QBlockError(f"Bitmap '{name}' is not found")
+
+
 class Export:
     """One NBD export: a named BlockBackend and the clients using it."""
 
     def __init__(self, export_id: str, node: BlockNode, name: str, *, writable: bool = False,
                  description: str | None = None, allocation_depth: bool = False,
-                 multi_conn: bool = True) -> None:
+                 multi_conn: bool = True, bitmaps: list[DirtyBitmap] | None = None) -> None:
         if writable and node.read_only:
             raise QBlockError("Cannot export read-only node as writable")
+        self.bitmaps = list(bitmaps or [])
+        for bitmap in self.bitmaps:
+            check_bitmap(bitmap, CHECK_ALLOW_RO)
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
         self.id = export_id
         self.backend = BlockBackend(node, perm, PERM_ALL & ~Perm.RESIZE)
@@ -42,9 +63,17 @@ class Export:
         min_block = node.request_alignment if node.drv.is_protocol else 1
         self.info = p.ExportInfo(name, node.length() // 512 * 512, read_only=not writable,
                                  description=description, min_block=min_block,
-                                 multi_conn=multi_conn, allocation_depth=allocation_depth)
+                                 multi_conn=multi_conn, allocation_depth=allocation_depth,
+                                 bitmaps=tuple(str(b.name) for b in self.bitmaps))
         self.clients: set[asyncio.Task[None]] = set()
         self.shutting_down = False
+        # server.c: exported bitmaps are busy (no clear, remove or merge into) until removal
+        for bitmap in self.bitmaps:
+            bitmap.busy = True
+
+    def release_bitmaps(self) -> None:
+        for bitmap in self.bitmaps:
+            bitmap.busy = False
 
     @property
     def node_name(self) -> str:
@@ -54,8 +83,10 @@ class Export:
 class NbdServer:
     """Listening sockets, the exports by name and the connections being served."""
 
-    def __init__(self, max_connections: int = 100, handshake_max_seconds: int = 10) -> None:
+    def __init__(self, max_connections: int = 100, handshake_max_seconds: int = 10,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.max_connections = max_connections
+        self.tls = tls
         self.handshake_max_seconds = handshake_max_seconds
         self.exports: dict[str, Export] = {}
         self.infos: dict[str, p.ExportInfo] = {}
@@ -100,6 +131,7 @@ class NbdServer:
         for task in live:
             task.cancel()
         await asyncio.gather(*live, return_exceptions=True)
+        export.release_bitmaps()
         await export.backend.close()
 
     @property
@@ -146,10 +178,10 @@ class NbdServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       task: asyncio.Task[None]) -> None:
-        conn = p.ServerConnection(self.infos)
+        conn = p.ServerConnection(self.infos, tls=self.tls is not None)
         limit = self.handshake_max_seconds or None
         async with asyncio.timeout(limit):
-            ready = await _handshake(conn, reader, writer)
+            ready = await _handshake(conn, reader, writer, self.tls)
         if ready is None:
             return
         export = self.exports.get(ready.export.name)
@@ -163,16 +195,23 @@ class NbdServer:
 
 
 async def _handshake(conn: p.ServerConnection, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> p.Ready | None:
+                     writer: asyncio.StreamWriter,
+                     tls: ssl.SSLContext | None) -> p.Ready | None:
     """Negotiate until the client picks an export (Ready) or leaves (None)."""
     while True:
-        event = conn.next_event()
-        writer.write(conn.data_to_send())
+        try:
+            event = conn.next_event()
+        finally:
+            writer.write(conn.data_to_send())  # a TLS_REQD reply before a drop goes out
         await writer.drain()
         if isinstance(event, p.Ready):
             return event
         if isinstance(event, p.Closed):
             return None
+        if isinstance(event, p.StartTLS):
+            assert tls is not None
+            await writer.start_tls(tls)
+            continue
         conn.receive_data(await reader.read(65536))
 
 
@@ -298,6 +337,10 @@ class Session:
         limit = 1 if req.flags & p.CmdFlag.REQ_ONE else p.MAX_BLOCK_STATUS_EXTENTS
         out = []
         for ctx_id, name in sorted(self.conn.meta.items()):
+            if ctx_id >= 2:
+                bitmap = self.export.bitmaps[ctx_id - 2]
+                out.append((ctx_id, _bitmap_extents(bitmap, req.offset, req.length, limit)))
+                continue
             depth_ctx = name == p.ALLOCATION_DEPTH
             extents: list[tuple[int, int]] = []
             offset, end = req.offset, req.offset + req.length
@@ -317,6 +360,21 @@ class Session:
                 offset += n
             out.append((ctx_id, extents[:limit] or [(req.length, 0)]))
         return out
+
+
+def _bitmap_extents(bitmap: DirtyBitmap, offset: int, length: int,
+                    limit: int) -> list[tuple[int, int]]:
+    """server.c bitmap_to_extents(): alternating clean/dirty runs clipped to the request,
+    at most ``limit`` of them."""
+    extents: list[tuple[int, int]] = []
+    pos, end = offset, offset + length
+    while pos < end and len(extents) < limit:
+        dirty = bitmap.get(pos) if pos < bitmap.size else False
+        nxt = bitmap.next_clean(pos) if dirty else bitmap.next_dirty(pos)
+        stop = end if nxt < 0 else min(nxt, end)
+        extents.append((stop - pos, p.STATE_DIRTY if dirty else 0))
+        pos = stop
+    return extents
 
 
 SERVER: NbdServer | None = None

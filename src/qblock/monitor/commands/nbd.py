@@ -11,10 +11,12 @@ from typing import Any
 from qblock.block.node import registry
 from qblock.errors import InvalidArgument, QBlockError
 from qblock.exports.nbd import server as nbd
+from qblock.exports.nbd import tls
 from qblock.keyval import parse_option_arg, to_bool
 from qblock.monitor.context import BlockState, CommandContext
+from qblock.monitor.commands.bitmap import MERGE_SOURCE, lookup as lookup_bitmap
 from qblock.monitor.registry import command
-from qblock.monitor.schema import BOOL, INT, STR, Enum, QapiType, Struct, opt, req
+from qblock.monitor.schema import BOOL, INT, STR, Enum, ListOf, QapiType, Struct, opt, req
 
 _INET = Struct("InetSocketAddress", {"host": req(STR), "port": req(STR), "numeric": opt(BOOL),
                                      "to": opt(INT), "ipv4": opt(BOOL), "ipv6": opt(BOOL)})
@@ -51,11 +53,13 @@ class SocketAddress(QapiType):
                 "members": [{"name": "type", "type": "SocketAddressType"}]}
 
 
-_SERVER_ARGS = {"max-connections": opt(INT), "handshake-max-seconds": opt(INT)}
+_SERVER_ARGS = {"max-connections": opt(INT), "handshake-max-seconds": opt(INT),
+                "tls-creds": opt(STR)}
 _EXPORT_ARGS = {"type": req(Enum("BlockExportType", ["nbd"])), "id": req(STR),
                 "node-name": req(STR), "writable": opt(BOOL), "writethrough": opt(BOOL),
                 "iothread": opt(STR), "fixed-iothread": opt(BOOL), "name": opt(STR),
-                "description": opt(STR), "allocation-depth": opt(BOOL)}
+                "description": opt(STR), "allocation-depth": opt(BOOL),
+                "bitmaps": opt(ListOf(MERGE_SOURCE))}
 EXPORT_OPTIONS = Struct("BlockExportOptions", _EXPORT_ARGS)
 SERVER_OPTIONS = Struct("NbdServerOptions", {"addr": req(SocketAddress(legacy=False)),
                                              **_SERVER_ARGS})
@@ -65,8 +69,9 @@ async def server_start(addr: dict[str, Any], args: dict[str, Any]) -> None:
     """nbd_server_start(): one server per process."""
     if nbd.current() is not None:
         raise QBlockError("NBD server already running")
+    tls_ctx = tls.lookup(args["tls-creds"]) if "tls-creds" in args else None
     server = nbd.NbdServer(args.get("max-connections", 100),
-                           args.get("handshake-max-seconds", 10))
+                           args.get("handshake-max-seconds", 10), tls=tls_ctx)
     await server.listen(addr)
     nbd.set_current(server)
 
@@ -98,10 +103,13 @@ async def export_add(state: BlockState, args: dict[str, Any]) -> None:
         raise QBlockError(f"export name '{name}' too long")
     if name in server.exports:
         raise QBlockError(f"NBD server already has export named '{name}'")
+    bitmaps = [nbd.find_chain_bitmap(node, ref, writable) if isinstance(ref, str)
+               else lookup_bitmap(ref["node"], ref["name"])[1]
+               for ref in args.get("bitmaps", [])]
     export = nbd.Export(export_id, node, name, writable=writable,
                         description=args.get("description"),
                         allocation_depth=args.get("allocation-depth", False),
-                        multi_conn=server.max_connections != 1)
+                        multi_conn=server.max_connections != 1, bitmaps=bitmaps)
     server.add_export(export)
     state.exports[export_id] = export
     state.backends.append(export.backend)
@@ -196,14 +204,15 @@ async def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list
 @command("nbd-server-add", {"device": req(STR), "name": opt(STR), "description": opt(STR),
                             "writable": opt(BOOL), "bitmap": opt(STR)})
 async def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
-    """Deprecated: block-export-add with id = name (default: device)."""
-    if "bitmap" in args:
-        raise QBlockError(f"Bitmap '{args['bitmap']}' is not found")
+    """Deprecated: block-export-add with id = name (default: device); ``bitmap`` is
+    ``bitmaps: [bitmap]``."""
     name = args.get("name", args["device"])
     options = {"type": "nbd", "id": name, "node-name": args["device"], "name": name,
                "writable": args.get("writable", False)}
     if "description" in args:
         options["description"] = args["description"]
+    if "bitmap" in args:
+        options["bitmaps"] = [args["bitmap"]]
     await export_add(ctx.state, options)
     return {}
 
