@@ -88,8 +88,10 @@ class AsyncDisk:
     async def close(self) -> None:
         """Flush and close the image (and every node opened for it)."""
         if self.blk.root is not None:
-            await self.blk.flush()
-            await self.blk.close()
+            try:
+                await self.blk.flush()
+            finally:  # a failed flush is reported, but the image is released all the same
+                await self.blk.close()
 
     async def __aenter__(self) -> AsyncDisk:
         return self
