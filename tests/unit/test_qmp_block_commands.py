@@ -8,6 +8,7 @@ an implicit file node, exported through one BlockBackend).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,9 @@ from qblock.block.node import close_node, registry
 from qblock.block.perm import Perm
 from qblock.block.qapi import image_info
 from qblock.cli.imginfo import image_info as img_info_from_file
+from qblock.errors import InvalidArgument
 from qblock.monitor import commands  # noqa: F401  (registers every command)
+from qblock.monitor.commands.block import BLOCKDEV_OPTIONS
 from qblock.monitor.context import BlockState
 from qblock.monitor.dispatch import dispatch
 from qblock.monitor.protocol import QmpConnection, Request
@@ -361,3 +364,14 @@ def test_qcow2_created_by_qemu_img_reports_like_qsd(state: BlockState, tmp_path:
         path.stat().st_blocks * 512
     # bdrv_getlength() counts whole sectors: the file's length rounded up to 512
     assert file["image"]["virtual-size"] == -(-path.stat().st_size // 512) * 512
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"server": {"type": "unix", "path": "/nonexistent"}, "bogus": 1},
+     "Parameter 'bogus' is unexpected"),
+    ({}, "Parameter 'server' is missing"),
+    ({"server": {"type": "tcp"}}, "Parameter 'server.type' does not accept value 'tcp'"),
+])
+def test_blockdev_add_nbd_options_checked_before_connecting(options: dict, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        BLOCKDEV_OPTIONS.visit({"driver": "nbd", "node-name": "n0", **options}, "")

@@ -19,7 +19,7 @@ from qblock.block.perm import PERM_ALL, Perm
 from qblock.errors import InvalidArgument, NodeInUse, QBlockError
 from qblock.monitor.context import CommandContext
 from qblock.monitor.registry import command
-from qblock.monitor.schema import (BOOL, INT, NULL, STR, UINT64, Alternate, Enum, Member,
+from qblock.monitor.schema import (BOOL, INT, NULL, STR, UINT32, UINT64, Alternate, Enum, Member,
                                    QapiType, Struct, opt, req)
 
 PREALLOC = Enum("PreallocMode", ["off", "metadata", "falloc", "full"])
@@ -114,6 +114,12 @@ for _driver, _members in {
               "cache-clean-interval": opt(INT),
               "encrypt": opt(Struct("BlockdevQcow2Encryption", {}, open_ended=True)),
               "data-file": opt(BLOCKDEV_REF)},
+    # x-dirty-bitmap is not supported by qblock's client and so not declared
+    "nbd": {"server": req(Struct("SocketAddress", {
+                "type": req(Enum("SocketAddressType", ["inet", "unix", "vsock", "fd"]))},
+                open_ended=True)),
+            "export": opt(STR), "tls-creds": opt(STR), "tls-hostname": opt(STR),
+            "reconnect-delay": opt(UINT32), "open-timeout": opt(UINT32)},
 }.items():
     BLOCKDEV_OPTIONS.add_branch(_driver, _members)
 
