@@ -5,6 +5,7 @@ Sub-commands:
                     (ctl_blkinfo), from a running daemon or an offline image (--offline IMAGE)
   graph             the block graph as text, DOT, SVG or PNG (ctl_graph), live or from a saved
                     x-debug-query-block-graph reply (--json FILE)
+  jobs              query-jobs / query-block-jobs as a table; --watch follows them (ctl_jobs)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any
 import graphviz
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from qblock.cli import ctl_blkinfo, ctl_graph
+from qblock.cli import ctl_blkinfo, ctl_graph, ctl_jobs
 from qblock.errors import QBlockError
 
 PROG = "qblock ctl"
@@ -169,6 +170,17 @@ def graph(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- jobs -------------------------------------------------------------------------------------
+
+def jobs(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise CtlError("--interval must be positive")
+    try:
+        return ctl_jobs.run(_address(args), args.watch, args.interval)
+    except ctl_jobs.JobsError as e:
+        raise CtlError(str(e)) from e
+
+
 # -- command line -----------------------------------------------------------------------------
 
 def _add_connection(p: argparse.ArgumentParser, *, offline: str | None = None) -> None:
@@ -210,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --json: a saved query-named-block-nodes reply (drivers, filenames)")
     _add_connection(p, offline="json")
     p.set_defaults(func=graph)
+
+    p = sub.add_parser("jobs", help="list or watch the daemon's jobs",
+                       description=ctl_jobs.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--watch", action="store_true",
+                   help="follow the jobs (events and progress) until all have ended")
+    p.add_argument("--interval", type=float, default=0.5, metavar="S",
+                   help="seconds between progress polls with --watch (default 0.5)")
+    _add_connection(p)
+    p.set_defaults(func=jobs)
     return parser
 
 
