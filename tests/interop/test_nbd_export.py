@@ -107,6 +107,12 @@ def test_qblock_nbd_over_tcp_read_only(tmp_path: Path) -> None:
         assert run("nbdinfo", "--size", target).stdout.strip() == str(16 << 20)
         assert "is_read_only: true" in run("nbdinfo", target).stdout
         assert run("qemu-img", "compare", "-U", str(image), target).returncode == 0
+        copy = tmp_path / "copy.qcow2"
+        run("qemu-img", "convert", "-O", "qcow2", target, str(copy))
+        assert run("qemu-img", "compare", "-U", str(image), str(copy)).returncode == 0
+        assert '"virtual-size": 16777216' in run("qemu-img", "info", "--output=json",
+                                                 target).stdout
+        assert '"data": true' in run("qemu-img", "map", "--output=json", target).stdout
         res = run("qemu-io", "-f", "raw", "-c", "write 0 4k", target, check=False)
         assert res.returncode == 1 and "Permission denied" in res.stderr  # READ_ONLY flag
     finally:
@@ -208,6 +214,12 @@ def test_hostile_clients_do_not_hurt_others(tmp_path: Path) -> None:
             assert s.recv(100) == b""  # the payload cannot be skipped: dropped
         with handshake(nbd) as s:  # disconnects in the middle of a write payload
             s.sendall(req(p.Cmd.WRITE, 0, 65536, data=b"\xee" * 1000))
+        stalled = handshake(nbd)  # asks for 64 MiB of reads and never reads a reply
+        for i in range(64):
+            stalled.sendall(req(p.Cmd.READ, (i % 16) << 20, 1 << 20))
+        with handshake(nbd) as s:  # an unaligned read and write of odd sizes are served
+            s.sendall(req(p.Cmd.WRITE, 3 << 20 | 7, 5, data=b"\xab" * 5))
+            assert struct.unpack(">IIQ", recv_exact(s, 16))[:2] == (p.SIMPLE_REPLY_MAGIC, 0)
         flood = [socket.socket(socket.AF_UNIX) for _ in range(50)]
         for s in flood:
             s.connect(str(nbd))
@@ -215,7 +227,9 @@ def test_hostile_clients_do_not_hurt_others(tmp_path: Path) -> None:
         assert "read 1048576/1048576" in out
         for s in flood:
             s.close()
+        stalled.close()
     expect = make_image(tmp_path / "expect.qcow2")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0xab 3145735 5", str(expect))
     assert run("qemu-img", "compare", str(image), str(expect)).returncode == 0
 
 
