@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,9 +42,13 @@ def _daemon_argv(kind: str, image: Path, sock: Path) -> list[str]:
 
 @contextmanager
 def _serving(kind: str, ctx: Context) -> Iterator[str]:
-    """Run one daemon exporting the image; yield the export's NBD URI."""
-    sock = ctx.dir / f"{kind}.sock"
-    sock.unlink(missing_ok=True)
+    """Run one daemon exporting the image; yield the export's NBD URI.
+
+    The socket lives in a short temporary directory: a unix socket path must stay below
+    108 bytes, which a deep --dir can exceed.
+    """
+    sockdir = Path(tempfile.mkdtemp(prefix="qb-nbd-"))
+    sock = sockdir / f"{kind}.sock"
     proc = subprocess.Popen(_daemon_argv(kind, ctx.files["image"], sock), env=worker_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -58,6 +63,7 @@ def _serving(kind: str, ctx: Context) -> Iterator[str]:
         proc.wait(timeout=30)
         if proc.stderr:
             proc.stderr.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _timed(argv: list[str]) -> tuple[float, str]:
