@@ -1,6 +1,7 @@
 """Start and stop a real ``qblock daemon`` or ``qemu-storage-daemon`` for the interop tests."""
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -8,15 +9,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 QSD = shutil.which("qemu-storage-daemon")
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 START_TIMEOUT = 20
+T = TypeVar("T")
 
 
 def qblock_daemon_argv(*args: str) -> list[str]:
@@ -94,3 +97,18 @@ def raw_exchange(sock: Path, data: bytes, *, negotiate: bool = True,
         except TimeoutError:
             pass
         return out
+
+
+def on_both_daemons(tmp: Path, prepare: Callable[[Path], object],
+                    drive: Callable[[Path, Path], Awaitable[T]]) -> dict[str, T]:
+    """Run one QMP script on qemu-storage-daemon, then on qblock daemon, each in its own folder
+    that ``prepare`` fills first; returns each side's result by "qsd" / "qblock"."""
+    results: dict[str, T] = {}
+    for who, start in (("qsd", qsd), ("qblock", qblock)):
+        d = tmp / who
+        d.mkdir()
+        prepare(d)
+        argv, sock = start(d)
+        with running(argv, sock):
+            results[who] = asyncio.run(drive(sock, d))
+    return results

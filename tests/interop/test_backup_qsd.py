@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from daemon_tools import qblock, qsd, running
+from daemon_tools import on_both_daemons
 
 qmp = pytest.importorskip("qemu.qmp")
 pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None
@@ -157,14 +157,7 @@ def without_drain_pauses(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_backup_and_transaction_like_qsd(tmp_path: Path) -> None:
-    results = {}
-    for who, start in (("qsd", qsd), ("qblock", qblock)):
-        d = tmp_path / who
-        d.mkdir()
-        make_images(d)
-        argv, sock = start(d)
-        with running(argv, sock):
-            results[who] = asyncio.run(drive(sock, d))
+    results = on_both_daemons(tmp_path, make_images, drive)
     ref, got = results["qsd"], results["qblock"]
     for i, (r, g) in enumerate(zip(ref["replies"], got["replies"], strict=True)):
         assert g == r, (i, g, r)

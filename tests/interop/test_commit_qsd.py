@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from daemon_tools import qblock, qsd, running
+from daemon_tools import on_both_daemons
 
 qmp = pytest.importorskip("qemu.qmp")
 pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None
@@ -103,14 +103,7 @@ async def drive(sock: Path, d: Path) -> dict[str, Any]:
 
 
 def test_snapshot_commit_active_commit_like_qsd(tmp_path: Path) -> None:
-    results = {}
-    for who, start in (("qsd", qsd), ("qblock", qblock)):
-        d = tmp_path / who
-        d.mkdir()
-        make_chain(d)
-        argv, sock = start(d)
-        with running(argv, sock):  # stopped with SIGTERM: both daemons close their images
-            results[who] = asyncio.run(drive(sock, d))
+    results = on_both_daemons(tmp_path, make_chain, drive)
     ref, got = results["qsd"], results["qblock"]
     # same events, same order, same data (len/offset included); timestamps differ
     assert got["events"] == ref["events"]
@@ -190,14 +183,7 @@ async def drive_errors(sock: Path, d: Path) -> list[Any]:
 def test_commit_and_snapshot_errors_like_qsd(tmp_path: Path) -> None:
     """Error classes and texts of block-commit, the snapshot commands and the job lookups;
     a snapshot-sync overlay without users is dropped again and its base stays read-only."""
-    results = {}
-    for who, start in (("qsd", qsd), ("qblock", qblock)):
-        d = tmp_path / who
-        d.mkdir()
-        make_chain(d)
-        argv, sock = start(d)
-        with running(argv, sock):
-            results[who] = asyncio.run(drive_errors(sock, d))
+    results = on_both_daemons(tmp_path, make_chain, drive_errors)
     assert results["qblock"] == results["qsd"]
     assert results["qsd"][-1] == [("drive01", True), ("file01", False), ("mid01", True),
                                   ("over01", True)]

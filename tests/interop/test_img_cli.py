@@ -284,3 +284,9 @@ def test_create_qcow2_preallocated_like_qemu_img(tmp_path: Path, qemu_tool: Tool
     assert theirs(qemu_tool, "check", "a.qcow2")[0] == 0
     assert theirs(qemu_tool, "map", "--output=json", "a.qcow2")[1] == \
         theirs(qemu_tool, "map", "--output=json", "b.qcow2")[1]
+
+
+@pytest.mark.parametrize("option", ["--start-offset=x", "--max-length=1q"])
+def test_map_bad_size_option_like_qemu_img(images: Path, qemu_tool: Tool,
+                                           capsys: pytest.CaptureFixture[str], option: str) -> None:
+    assert ours(capsys, "map", option, "r.raw") == theirs(qemu_tool, "map", option, "r.raw")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from daemon_tools import qblock, qsd, running
+from daemon_tools import on_both_daemons
 from test_commit_qsd import graph_shape, make_chain
 
 qmp = pytest.importorskip("qemu.qmp")
@@ -118,14 +118,7 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_stream_and_mirror_like_qsd(tmp_path: Path) -> None:
-    results = {}
-    for who, start in (("qsd", qsd), ("qblock", qblock)):
-        d = tmp_path / who
-        d.mkdir()
-        make_images(d)
-        argv, sock = start(d)
-        with running(argv, sock):
-            results[who] = asyncio.run(drive(sock, d))
+    results = on_both_daemons(tmp_path, make_images, drive)
     ref, got = results["qsd"], results["qblock"]
     assert got["events"] == ref["events"]
     assert got["block-jobs"] == ref["block-jobs"]
@@ -221,14 +214,7 @@ async def drive_errors(sock: Path, d: Path) -> list[Any]:
 
 
 def test_mirror_and_stream_errors_like_qsd(tmp_path: Path) -> None:
-    results = {}
-    for who, start in (("qsd", qsd), ("qblock", qblock)):
-        d = tmp_path / who
-        d.mkdir()
-        make_images(d)
-        argv, sock = start(d)
-        with running(argv, sock):
-            results[who] = asyncio.run(drive_errors(sock, d))
+    results = on_both_daemons(tmp_path, make_images, drive_errors)
     for step, ref, got in zip(error_script(tmp_path), results["qsd"], results["qblock"]):
         assert got == ref, step
     assert results["qblock"] == results["qsd"]

@@ -161,8 +161,7 @@ async def cmd_create(argv: list[str]) -> int:
             error("Image size must be less than 8 EiB!")
             return 1
         except ValueError:
-            error("Invalid image size specified. You may use k, M, G, T, P or E suffixes for")
-            error("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+            _size_suffix_error("Invalid image size specified.")
             return 1
     if len(args) > 2:
         raise error_exit(f"Unexpected argument: {args[2]}")
@@ -227,6 +226,12 @@ async def _create_qcow2(filename: str, size: int, options: dict[str, str], base:
         kwargs.pop(key, None)
     validate(size, **kwargs)
     await create(filename, size, **kwargs)
+
+
+def _size_suffix_error(what: str) -> None:
+    """qemu-img's two-line complaint about a size it could not parse."""
+    error(f"{what} You may use k, M, G, T, P or E suffixes for")
+    error("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 
 
 # -- info ------------------------------------------------------------------------------------
@@ -421,15 +426,13 @@ async def cmd_map(argv: list[str]) -> int:
             try:
                 start = imgfmt.parse_size(v)
             except (ValueError, OverflowError):
-                error(f"Invalid start offset specified! You may use k, M, G, T, P or E "
-                      f"suffixes for ")
+                _size_suffix_error("Invalid start offset specified.")
                 return 1
         elif o == "--max-length":
             try:
                 max_length = imgfmt.parse_size(v)
             except (ValueError, OverflowError):
-                error("Invalid max length specified! You may use k, M, G, T, P or E suffixes "
-                      "for ")
+                _size_suffix_error("Invalid max length specified.")
                 return 1
     if len(args) != 1:
         raise error_exit("Expecting one image file name")
@@ -447,10 +450,8 @@ async def _map(disk: api.AsyncDisk, output: str, start: int, max_length: int | N
     out = sys.stdout
     out.write("[" if output == "json" else imgfmt.map_human_header())
     curr: dict[str, Any] = {"start": start, "length": 0}
-    first = True
 
     def dump(e: dict[str, Any], nxt: dict[str, Any] | None) -> bool:
-        nonlocal first
         if output == "json":
             out.write(imgfmt.map_json_entry(e) + (",\n" if nxt is not None else ""))
             return True

@@ -52,11 +52,11 @@ def _build_table() -> list[list[int]]:
     put(RECOVERY, range(0x20, 0xFE), RECOVERY)
     put(RECOVERY, b"\xfe\xff[]{}", START | LOOKAHEAD)
     put(RECOVERY, b"\t", RECOVERY)
-    for esc, body, quote in ((DQ_ESC, DQ, b'"'), (SQ_ESC, SQ, b"'")):
+    for esc, body, quote_char in ((DQ_ESC, DQ, b'"'), (SQ_ESC, SQ, b"'")):
         put(esc, range(0x20, 0xFE), body)
         put(body, range(0x20, 0xFE), body)
         put(body, b"\\", esc)
-        put(body, quote, STRING)
+        put(body, quote_char, STRING)
     terminal(ZERO, INTEGER)
     put(ZERO, b"0123456789", ERROR)
     put(ZERO, b".", MANTISSA)

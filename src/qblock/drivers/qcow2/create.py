@@ -14,7 +14,7 @@ from qblock.block import io
 from qblock.block.node import BlockNode, close_node
 from qblock.block.open import open_node
 from qblock.drivers.qcow2 import header as hdr
-from qblock.errors import InvalidArgument, NotSupported
+from qblock.errors import InvalidArgument
 
 _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _COMPRESSION = {"zlib": hdr.COMPRESSION_ZLIB, "zstd": hdr.COMPRESSION_ZSTD}
