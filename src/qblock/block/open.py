@@ -25,6 +25,7 @@ _DRIVERS = {
     "null-aio": "qblock.drivers.null:NullAioDriver",
     "qcow2": "qblock.drivers.qcow2.driver:Qcow2Driver",
     "nbd": "qblock.drivers.nbd:NbdDriver",
+    "blkdebug": "qblock.drivers.blkdebug:BlkdebugDriver",
 }
 
 

@@ -5,6 +5,7 @@ x-debug-query-block-graph as a "block-job" node); ``speed`` limits the bytes cop
 """
 from __future__ import annotations
 
+import errno
 import time
 from typing import Any
 
@@ -37,6 +38,7 @@ class BlockJob(Job):
         self.nodes: list[BdrvChild] = []
         self.backends: list[BlockBackend] = []  # listed in x-debug-query-block-graph
         self.speed = speed
+        self.iostatus = "ok"
         self._slice_start = time.monotonic()
         self._slice_bytes = 0
         try:
@@ -98,6 +100,30 @@ class BlockJob(Job):
             await self.sleep(self._slice_start + SLICE_TIME - now)
         await self.pause_point()
 
+    # -- errors (blockjob.c block_job_error_action, REFERENCE 4.3 BlockdevOnError) -----------
+    def error_action(self, on_error: str, is_read: bool, error: Exception) -> str:
+        """Decide ignore/report/stop for a failed request; announce it, pause on stop."""
+        err = getattr(error, "errno", None) or errno.EIO
+        if on_error in ("enospc", "auto"):
+            action = "stop" if err == errno.ENOSPC else "report"
+        else:
+            action = on_error
+        self._emit("BLOCK_JOB_ERROR", {"device": self.id,
+                                       "operation": "read" if is_read else "write",
+                                       "action": action})
+        if action == "stop":
+            if not self.user_paused:
+                self.pause()
+                self.user_paused = True
+            if self.iostatus == "ok":  # block_job_iostatus_set_err()
+                self.iostatus = "nospace" if err == errno.ENOSPC else "failed"
+        return action
+
+    def user_resume(self) -> None:
+        """block_job_user_resume(): resuming also clears the I/O status."""
+        super().user_resume()
+        self.iostatus = "ok"
+
     # -- events and query --------------------------------------------------------------------
     def _event_data(self) -> dict[str, Any]:
         return {"type": self.job_type, "device": self.id, "len": self.progress_total,
@@ -127,7 +153,7 @@ class BlockJob(Job):
         info: dict[str, Any] = {
             "type": self.job_type, "device": self.id, "len": self.progress_total,
             "offset": self.progress_current, "busy": self.busy, "paused": self.paused,
-            "speed": self.speed, "io-status": "ok", "ready": self.is_ready(),
+            "speed": self.speed, "io-status": self.iostatus, "ready": self.is_ready(),
             "status": self.status.value, "auto-finalize": self.auto_finalize,
             "auto-dismiss": self.auto_dismiss}
         if self.error is not None:

@@ -14,6 +14,7 @@ from qblock.block.graph import detach_child, replace_node
 from qblock.block.node import BlockNode, unref_if_unused
 from qblock.block.perm import PERM_ALL, PERM_NONE, Perm
 from qblock.drivers.base import Status
+from qblock.errors import QBlockError
 from qblock.jobs.blockjob import BlockJob
 from qblock.jobs.filter import insert_filter, remove_filter, undo_insert
 
@@ -43,9 +44,11 @@ class CommitJob(BlockJob):
 
     def __init__(self, job_id: str, jobs: dict[str, Any], events: Any, device: BlockNode,
                  top: BlockNode, base: BlockNode, *, backing_file: str | None = None,
-                 backing_mask_protocol: bool = False, filter_node_name: str | None = None, **kw: Any) -> None:
+                 backing_mask_protocol: bool = False, filter_node_name: str | None = None,
+                 on_error: str = "report", **kw: Any) -> None:
         super().__init__(job_id, jobs, events, device, PERM_NONE, PERM_ALL, **kw)
         self.top, self.base, self.backing_file = top, base, backing_file
+        self.on_error = on_error
         self.backing_mask_protocol = backing_mask_protocol
         self.base_read_only = base.read_only
         self.base_blk: BlockBackend | None = None
@@ -103,16 +106,31 @@ class CommitJob(BlockJob):
                                                     min(COMMIT_BUFFER_SIZE, length - offset))
             n = st.pnum
             if depth > 0:
-                if st.status & Status.ZERO:
-                    await self.base_blk.pwrite_zeroes(offset, n)
-                else:
-                    buf = bytearray(n)
-                    await io.node_preadv(self.top, offset, memoryview(buf))
-                    await self.base_blk.pwritev(offset, buf)
+                if not await self._copy(offset, n, bool(st.status & Status.ZERO)):
+                    continue  # commit.c commit_run(): ignore and stop retry the same range
                 await self.ratelimit(n)
             offset += n
             self.progress_current += n
         await self.base_blk.flush()
+
+    async def _copy(self, offset: int, n: int, zero: bool) -> bool:
+        """Copy one allocated range into base; False when it failed and must be retried."""
+        assert self.base_blk is not None
+        is_read = True
+        try:
+            if zero:
+                is_read = False
+                await self.base_blk.pwrite_zeroes(offset, n)
+            else:
+                buf = bytearray(n)
+                await io.node_preadv(self.top, offset, memoryview(buf))
+                is_read = False
+                await self.base_blk.pwritev(offset, buf)
+        except QBlockError as e:
+            if self.error_action(self.on_error, is_read, e) == "report":
+                raise
+            return False
+        return True
 
     async def prepare(self) -> None:
         """commit_prepare() -> bdrv_drop_intermediate(commit_top, base)."""

@@ -28,6 +28,10 @@ MAX_IO_BYTES = 1 << 20  # mirror.c MAX_IO_BYTES
 DEFAULT_MIRROR_BUF_SIZE = 1 << 20  # mirror.c DEFAULT_MIRROR_BUF_SIZE
 
 
+class _TargetError(QBlockError):
+    """A request on the mirror target failed (the cause is the original error)."""
+
+
 class BackingMode(enum.Enum):
     """mirror.c MirrorBackingMode: what the target's backing is after the job."""
 
@@ -62,7 +66,8 @@ class MirrorJob(BlockJob):
                  backing_mode: BackingMode = BackingMode.LEAVE_BACKING_CHAIN,
                  to_replace: BlockNode | None = None, granularity: int = 0,
                  buf_size: int = 0, zero_target: bool = False, unmap: bool = True,
-                 filter_node_name: str | None = None, **kw: Any) -> None:
+                 filter_node_name: str | None = None, on_source_error: str = "report",
+                 on_target_error: str = "report", **kw: Any) -> None:
         if buf_size < 0:
             raise InvalidArgument("Invalid parameter 'buf-size'")
         self.top, self.target_node, self.base = source, target, base
@@ -71,6 +76,7 @@ class MirrorJob(BlockJob):
         self.to_replace = to_replace or source
         self.zero_target, self.unmap = zero_target, unmap
         self.buf_size = buf_size or DEFAULT_MIRROR_BUF_SIZE
+        self.on_source_error, self.on_target_error = on_source_error, on_target_error
         self.filter = insert_filter("mirror_top", source, filter_node_name, takes_perms=True,
                                     keep=[])
         assert isinstance(self.filter.drv, FilterTopDriver)
@@ -161,18 +167,42 @@ class MirrorJob(BlockJob):
         end = first + int(clean[0]) if len(clean) else limit
         self.dirty[first:end] = False
         offset, n = first * g, min(end * g, length) - first * g
-        st, depth = await io.block_status_above(self.top, self.base, offset, n)
-        if st.pnum == n and st.status & Status.ZERO and depth > 0:
-            await self.target.pwrite_zeroes(offset, n)
-        elif st.pnum == n and depth == 0 and self.base is None and self.unmap:
-            await self.target.pwrite_zeroes(offset, n, ReqFlags.MAY_UNMAP)
-        else:
-            buf = bytearray(n)
-            await io.node_preadv(self.top, offset, memoryview(buf))
-            await self.target.pwritev(offset, buf)
+        try:
+            await self._copy_range(offset, n)
+        except QBlockError as e:
+            # mirror.c mirror_read_complete/mirror_write_complete: the range stays dirty
+            self.dirty[first:end] = True
+            is_read = not isinstance(e, _TargetError)
+            cause = e.__cause__ if isinstance(e, _TargetError) else e
+            assert isinstance(cause, Exception)
+            policy = self.on_source_error if is_read else self.on_target_error
+            if self.error_action(policy, is_read, cause) == "report":
+                raise cause from None
+            await self.pause_point()
+            return
         self.progress_current += n
         self.progress_total = self.progress_current + self._remaining()
         await self.ratelimit(n)
+
+    async def _copy_range(self, offset: int, n: int) -> None:
+        """Copy one range; a failure on the target is wrapped in _TargetError."""
+        assert self.target is not None
+        st, depth = await io.block_status_above(self.top, self.base, offset, n)
+        try:
+            if st.pnum == n and st.status & Status.ZERO and depth > 0:
+                await self.target.pwrite_zeroes(offset, n)
+                return
+            if st.pnum == n and depth == 0 and self.base is None and self.unmap:
+                await self.target.pwrite_zeroes(offset, n, ReqFlags.MAY_UNMAP)
+                return
+        except QBlockError as e:
+            raise _TargetError(str(e)) from e
+        buf = bytearray(n)
+        await io.node_preadv(self.top, offset, memoryview(buf))
+        try:
+            await self.target.pwritev(offset, buf)
+        except QBlockError as e:
+            raise _TargetError(str(e)) from e
 
     async def run(self) -> None:
         assert self.target is not None

@@ -15,6 +15,7 @@ from qblock.block.graph import BdrvChild, replace_node
 from qblock.block.node import BlockNode, close_node, registry, unref_if_unused
 from qblock.block.perm import PERM_ALL, PERM_NONE, ROLE_FILTER, Perm
 from qblock.drivers.base import BlockDriver, BlockStatus, ReqFlags, Status
+from qblock.errors import QBlockError
 from qblock.jobs.blockjob import BlockJob
 
 STREAM_CHUNK = 512 * 1024  # stream.c STREAM_CHUNK
@@ -145,8 +146,10 @@ class StreamJob(BlockJob):
 
     def __init__(self, job_id: str, jobs: dict[str, Any], events: Any, top: BlockNode,
                  base: BlockNode | None, bottom: BlockNode, *, backing_file: str | None = None,
-                 filter_node_name: str | None = None, **kw: Any) -> None:
+                 filter_node_name: str | None = None, on_error: str = "report",
+                 **kw: Any) -> None:
         self.top, self.base, self.bottom = top, base, bottom
+        self.on_error = on_error
         self.backing_file = backing_file
         self.top_read_only = top.read_only
         if self.top_read_only:
@@ -200,17 +203,30 @@ class StreamJob(BlockJob):
         self.progress_total = length
         below = filter_or_cow(self.bottom)
         offset = 0
+        error: QBlockError | None = None
         while offset < length:
             await self.pause_point()
             st, depth = await io.block_status_above(self.top, below, offset,
                                                     min(STREAM_CHUNK, length - offset))
             n = st.pnum or length - offset
             if depth > 1:
-                await io.node_preadv(self.filter, offset, memoryview(bytearray(n)),
-                                     ReqFlags.PREFETCH)
+                try:
+                    await io.node_preadv(self.filter, offset, memoryview(bytearray(n)),
+                                         ReqFlags.PREFETCH)
+                except QBlockError as e:
+                    # stream.c stream_run(): every error counts as a read; stop retries the
+                    # range, ignore goes on but the job still fails with the first error
+                    action = self.error_action(self.on_error, True, e)
+                    if action == "stop":
+                        continue
+                    error = error or e
+                    if action == "report":
+                        raise
                 await self.ratelimit(n)
             offset += n
             self.progress_current += n
+        if error is not None:
+            raise error
 
     async def prepare(self) -> None:
         """stream_prepare(): top's backing becomes base; its header names base."""

@@ -20,7 +20,7 @@ from qblock.errors import InvalidArgument, NodeInUse, QBlockError
 from qblock.monitor.context import CommandContext
 from qblock.monitor.registry import command
 from qblock.monitor.schema import (BOOL, INT, NULL, STR, UINT32, UINT64, Alternate, Enum, Member,
-                                   QapiType, Struct, opt, req)
+                                   ListOf, QapiType, Struct, opt, req)
 
 PREALLOC = Enum("PreallocMode", ["off", "metadata", "falloc", "full"])
 
@@ -120,6 +120,12 @@ for _driver, _members in {
                 open_ended=True)),
             "export": opt(STR), "tls-creds": opt(STR), "tls-hostname": opt(STR),
             "reconnect-delay": opt(UINT32), "open-timeout": opt(UINT32)},
+    "blkdebug": {"image": req(BLOCKDEV_REF), "inject-error": opt(ListOf(Struct(
+        "BlkdebugInjectErrorOptions", {
+            "event": req(STR), "state": opt(INT), "errno": opt(INT), "sector": opt(INT),
+            "once": opt(BOOL), "immediately": opt(BOOL), "iotype": opt(Enum(
+                "BlkdebugIOType", ["read", "write", "write-zeroes", "discard", "flush",
+                                   "block-status"]))})))},
 }.items():
     BLOCKDEV_OPTIONS.add_branch(_driver, _members)
 

@@ -60,21 +60,22 @@ async def block_commit(ctx: CommandContext, args: dict[str, Any]) -> dict[str, A
         base = top.backing_chain()[-1]
     if top is base:
         raise QBlockError("cannot commit an image into itself")
-    if args.get("on-error", "report") not in ("report", "auto"):
-        raise InvalidArgument("qblock's commit jobs only support on-error 'report'")
     job_id = args.get("job-id", "")
     kw = {"speed": args.get("speed", 0), "auto_finalize": args.get("auto-finalize", True),
           "auto_dismiss": args.get("auto-dismiss", True)}
     if top is skip_filters(bs):
         if "backing-file" in args:
             raise QBlockError("'backing-file' specified, but 'top' is the active layer")
+        on_error = args.get("on-error", "report")  # mirror.c commit_active_start()
         job: CommitJob | ActiveCommitJob = ActiveCommitJob(
             job_id, ctx.state.jobs, ctx.state.events, top, base,
-            filter_node_name=args.get("filter-node-name"), **kw)
+            filter_node_name=args.get("filter-node-name"), on_source_error=on_error,
+            on_target_error=on_error, **kw)
     else:
         job = CommitJob(job_id, ctx.state.jobs, ctx.state.events, bs, top, base,
                         backing_file=args.get("backing-file"),
                         backing_mask_protocol=args.get("backing-mask-protocol", False),
-                        filter_node_name=args.get("filter-node-name"), **kw)
+                        filter_node_name=args.get("filter-node-name"),
+                        on_error=args.get("on-error", "report"), **kw)
     job.start()
     return {}

@@ -94,9 +94,6 @@ def mirror_common(ctx: CommandContext, args: dict[str, Any], bs: BlockNode,
             raise QBlockError("Replacing node and target must have the same length")
     if sync in ("incremental", "bitmap"):
         raise QBlockError(f"Sync mode '{sync}' not supported")
-    if any(args.get(k, "report") not in ("report", "auto")
-           for k in ("on-source-error", "on-target-error")):
-        raise InvalidArgument("qblock's mirror jobs only support on-error 'report'")
     if args.get("copy-mode", "background") != "background":
         raise InvalidArgument("qblock's mirror jobs only support copy-mode 'background'")
     if skip_filters(bs) is skip_filters(target):
@@ -108,6 +105,8 @@ def mirror_common(ctx: CommandContext, args: dict[str, Any], bs: BlockNode,
                     base=base if sync == "top" else None, sync_none=sync == "none",
                     backing_mode=backing_mode, to_replace=to_replace,
                     granularity=granularity, buf_size=args.get("buf-size", 0),
+                    on_source_error=args.get("on-source-error", "report"),
+                    on_target_error=args.get("on-target-error", "report"),
                     zero_target=zero_target, unmap=args.get("unmap", True),
                     filter_node_name=args.get("filter-node-name"),
                     speed=args.get("speed", 0), auto_finalize=args.get("auto-finalize", True),

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from qblock.block.node import BlockNode
-from qblock.errors import InvalidArgument, QBlockError
+from qblock.errors import QBlockError
 from qblock.jobs.stream import StreamJob, filter_or_cow
 from qblock.monitor.commands.block import lookup_bs
 from qblock.monitor.commands.commit import ON_ERROR
@@ -79,14 +79,13 @@ async def block_stream(ctx: CommandContext, args: dict[str, Any]) -> dict[str, A
         base = filter_or_cow(bottom)
     if base is None and "backing-file" in args:
         raise QBlockError("backing file specified, but streaming the entire chain")
-    if args.get("on-error", "report") not in ("report", "auto"):
-        raise InvalidArgument("qblock's stream jobs only support on-error 'report'")
     if bottom is None:
         bottom = find_overlay(bs, base)
     job = StreamJob(args.get("job-id", ""), ctx.state.jobs, ctx.state.events, bs, base,
                     bottom, backing_file=args.get("backing-file"),
                     filter_node_name=args.get("filter-node-name"),
-                    speed=args.get("speed", 0), auto_finalize=args.get("auto-finalize", True),
+                    on_error=args.get("on-error", "report"), speed=args.get("speed", 0),
+                    auto_finalize=args.get("auto-finalize", True),
                     auto_dismiss=args.get("auto-dismiss", True))
     job.start()
     return {}
