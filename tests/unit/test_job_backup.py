@@ -20,10 +20,7 @@ from qblock.block.backend import BlockBackend
 from qblock.block.dirty_bitmap import find_bitmap
 from qblock.block.node import close_node, registry
 from qblock.block.perm import Perm
-from qblock.monitor import commands  # noqa: F401  (registers every command)
-from qblock.monitor.context import BlockState
-from qblock.monitor.dispatch import dispatch
-from qblock.monitor.protocol import QmpConnection, Request
+from qmp_inprocess import Monitor
 
 SIZE = 4 << 20
 PERM_ALL_SHARED = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
@@ -40,31 +37,16 @@ def qemu_io(image: str, *cmds: str) -> None:
     assert run("qemu-io", "-f", "qcow2", *args, image).returncode == 0
 
 
-class Env:
+class Env(Monitor):
     """src.qcow2 as node ``src`` with a guest BlockBackend on it, and a model of its content."""
 
     def __init__(self, d: Path, src_backing: str | None = None) -> None:
         self.d = d
-        self.state = BlockState()
-        self.events: list[dict[str, Any]] = []
-        self.state.events.subscribe(self.events.append)
+        super().__init__()
         self.model = bytearray(SIZE)
         self.blk: BlockBackend | None = None
         self.rng = random.Random(5)
         self.writes_during_job = 0
-
-    async def q(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        session = QmpConnection()
-        session.negotiated = True
-        request: dict[str, Any] = {"execute": name}
-        if args is not None:
-            request["arguments"] = args
-        return await dispatch(self.state, session, Request(request))
-
-    async def ok(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        reply = await self.q(name, args)
-        assert "return" in reply, reply
-        return reply["return"]
 
     async def err(self, name: str, args: dict[str, Any]) -> str:
         reply = await self.q(name, args)

@@ -22,10 +22,7 @@ import qblock
 from qblock.block.backend import BlockBackend
 from qblock.block.node import close_node, registry
 from qblock.block.perm import Perm
-from qblock.monitor import commands  # noqa: F401  (registers every command)
-from qblock.monitor.context import BlockState
-from qblock.monitor.dispatch import dispatch
-from qblock.monitor.protocol import QmpConnection, Request
+from qmp_inprocess import Monitor
 
 DATA = Path(__file__).parent.parent / "data" / "qmp-7.2"
 SIZE = 4 << 20
@@ -37,32 +34,17 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
-class Env:
+class Env(Monitor):
     """base.qcow2 (0x11 in the first MiB) as drive01 on file01, a BlockBackend on drive01."""
 
     def __init__(self, d: Path) -> None:
         self.d = d
-        self.state = BlockState()
-        self.events: list[dict[str, Any]] = []
-        self.state.events.subscribe(self.events.append)
+        super().__init__()
         self.model = bytearray(SIZE)
         self.model[:1 << 20] = b"\x11" * (1 << 20)
         run("qemu-img", "create", "-f", "qcow2", str(d / "base.qcow2"), str(SIZE))
         run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", str(d / "base.qcow2"))
         self.blk: BlockBackend | None = None
-
-    async def q(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        session = QmpConnection()
-        session.negotiated = True
-        request: dict[str, Any] = {"execute": name}
-        if args is not None:
-            request["arguments"] = args
-        return await dispatch(self.state, session, Request(request))
-
-    async def ok(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        reply = await self.q(name, args)
-        assert "return" in reply, reply
-        return reply["return"]
 
     async def setup(self) -> None:
         await self.ok("blockdev-add", {"driver": "file", "node-name": "file01",

@@ -19,10 +19,8 @@ from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, PERM_NONE
 from qblock.jobs.blockjob import BlockJob
 from qblock.jobs.job import TRANSITIONS, VERBS, JobStatus
-from qblock.monitor import commands  # noqa: F401  (registers every command)
 from qblock.monitor.context import BlockState
-from qblock.monitor.dispatch import dispatch
-from qblock.monitor.protocol import QmpConnection, Request
+from qmp_inprocess import execute
 
 
 class StepJob(BlockJob):
@@ -49,12 +47,7 @@ class StepJob(BlockJob):
 
 
 async def q(state: BlockState, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    session = QmpConnection()
-    session.negotiated = True
-    request: dict[str, Any] = {"execute": name}
-    if args is not None:
-        request["arguments"] = args
-    return await dispatch(state, session, Request(request))
+    return await execute(state, name, args)
 
 
 async def settle() -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import qblock
 from qblock.block.node import registry

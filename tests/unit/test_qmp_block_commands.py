@@ -24,11 +24,9 @@ from qblock.block.perm import Perm
 from qblock.block.qapi import image_info
 from qblock.cli.imginfo import image_info as img_info_from_file
 from qblock.errors import InvalidArgument
-from qblock.monitor import commands  # noqa: F401  (registers every command)
 from qblock.monitor.commands.block import BLOCKDEV_OPTIONS
 from qblock.monitor.context import BlockState
-from qblock.monitor.dispatch import dispatch
-from qblock.monitor.protocol import QmpConnection, Request
+from qmp_inprocess import execute
 
 DATA = Path(__file__).parent.parent / "data" / "qmp-7.2"
 MiB = 1 << 20
@@ -36,12 +34,7 @@ MiB = 1 << 20
 
 def qmp(state: BlockState, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
     """One request through dispatch() on a negotiated session; returns the reply."""
-    session = QmpConnection()
-    session.negotiated = True
-    request: dict[str, Any] = {"execute": name}
-    if args is not None:
-        request["arguments"] = args
-    return qblock.run(dispatch(state, session, Request(request)))
+    return qblock.run(execute(state, name, args))
 
 
 def ok(state: BlockState, name: str, args: dict[str, Any] | None = None) -> Any:

@@ -12,36 +12,18 @@ from qblock.block.backend import BlockBackend
 from qblock.block.dirty_bitmap import find_bitmap
 from qblock.block.node import close_node, registry
 from qblock.block.perm import Perm
-from qblock.monitor import commands  # noqa: F401  (registers every command)
-from qblock.monitor.context import BlockState
-from qblock.monitor.dispatch import dispatch
-from qblock.monitor.protocol import QmpConnection, Request
+from qmp_inprocess import Monitor
 
 SIZE = 1 << 20
 
 
-class Env:
+class Env(Monitor):
     def __init__(self, d: Path) -> None:
         self.d = d
-        self.state = BlockState()
-        self.events: list[dict[str, Any]] = []
-        self.state.events.subscribe(self.events.append)
+        super().__init__()
         for name in ("src", "tgt"):
             subprocess.run(["qemu-img", "create", "-f", "qcow2", str(d / f"{name}.qcow2"),
                             str(SIZE)], check=True, capture_output=True)
-
-    async def q(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        session = QmpConnection()
-        session.negotiated = True
-        request: dict[str, Any] = {"execute": name}
-        if args is not None:
-            request["arguments"] = args
-        return await dispatch(self.state, session, Request(request))
-
-    async def ok(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        reply = await self.q(name, args)
-        assert "return" in reply, reply
-        return reply["return"]
 
     async def err(self, actions: list[dict[str, Any]], **props: Any) -> str:
         args: dict[str, Any] = {"actions": actions}
