@@ -13,6 +13,7 @@ compared the same way for report, ignore and stop.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,6 +48,20 @@ def node(d: Path, name: str, rule: dict[str, Any] | None) -> dict[str, Any]:
     return {"driver": "raw", "node-name": name, "file": proto}
 
 
+def event_waiter(client: qmp.QMPClient, events: list[dict[str, Any]]) -> Callable[..., Any]:
+    """``await until(NAME[, status])``: record events into ``events`` until that one arrives."""
+    async def until(name: str, status: str | None = None) -> None:
+        async def wait() -> None:
+            while True:
+                ev = await client.events.get()
+                data = ev.get("data", {})
+                events.append({"event": ev["event"], "data": data})
+                if ev["event"] == name and (status is None or data.get("status") == status):
+                    return
+        await asyncio.wait_for(wait(), TIMEOUT)
+    return until
+
+
 def script(side: str, policy: str, errno: str):  # type: ignore[no-untyped-def]
     """The QMP script for one case: fail once at 512K on ``side``, with ``policy``."""
     event, iotype = ("write_aio", "write") if side == "target" else ("read_aio", "read")
@@ -59,15 +74,7 @@ def script(side: str, policy: str, errno: str):  # type: ignore[no-untyped-def]
         events: list[dict[str, Any]] = []
         out: dict[str, Any] = {"events": events}
 
-        async def until(name: str, status: str | None = None) -> None:
-            async def wait() -> None:
-                while True:
-                    ev = await client.events.get()
-                    data = ev.get("data", {})
-                    events.append({"event": ev["event"], "data": data})
-                    if ev["event"] == name and (status is None or data.get("status") == status):
-                        return
-            await asyncio.wait_for(wait(), TIMEOUT)
+        until = event_waiter(client, events)
 
         try:
             ex = client.execute
@@ -140,15 +147,7 @@ def chain_script(job: str, policy: str):  # type: ignore[no-untyped-def]
         events: list[dict[str, Any]] = []
         out: dict[str, Any] = {"events": events}
 
-        async def until(name: str, status: str | None = None) -> None:
-            async def wait() -> None:
-                while True:
-                    ev = await client.events.get()
-                    data = ev.get("data", {})
-                    events.append({"event": ev["event"], "data": data})
-                    if ev["event"] == name and (status is None or data.get("status") == status):
-                        return
-            await asyncio.wait_for(wait(), TIMEOUT)
+        until = event_waiter(client, events)
 
         try:
             ex = client.execute
