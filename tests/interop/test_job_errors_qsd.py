@@ -13,9 +13,9 @@ compared the same way for report, ignore and stop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
