@@ -15,17 +15,11 @@ from qblock.block.backend import BlockBackend
 from qblock.block.node import BlockNode
 from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, Perm
+from qblock.block.probe import probe_format
 from qblock.drivers.base import BlockStatus, ReqFlags
 from qblock.errors import InvalidArgument
 
 T = TypeVar("T")
-QCOW2_MAGIC = b"QFI\xfb"
-
-
-def probe_format(filename: str) -> str:
-    """Guess an image's format from its first bytes, as QEMU's probing does (qcow2 or raw)."""
-    with builtins.open(filename, "rb") as f:
-        return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
 
 
 def image_options(target: str | os.PathLike[str] | dict[str, Any], *, driver: str | None = None,

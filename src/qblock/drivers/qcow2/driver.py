@@ -20,6 +20,7 @@ import numpy as np
 from qblock.block import io
 from qblock.block.open import open_child
 from qblock.block.perm import ROLE_IMAGE, Role
+from qblock.block.probe import probe_format
 from qblock.drivers.base import BlockDriver, BlockStatus, ReqFlags, Status
 from qblock.drivers.options import pop_bool, pop_int, to_bool
 from qblock.drivers.qcow2 import header as hdr
@@ -59,16 +60,6 @@ for _name, _code in hdr.V2_FIELDS + hdr.V3_FIELDS:
 
 FIX_LEAKS = 1
 FIX_ERRORS = 2
-
-
-def _probe(filename: str) -> str:
-    """The format of a backing file without a backing format (qcow2 magic, else raw)."""
-    try:
-        with open(filename, "rb") as f:
-            magic = f.read(4)
-    except OSError:
-        return "raw"
-    return "qcow2" if magic == struct.pack(">I", hdr.QCOW_MAGIC) else "raw"
 
 
 def _sorted_offsets(table: np.ndarray, mask: int) -> np.ndarray:
@@ -211,7 +202,10 @@ class Qcow2Driver(BlockDriver):
             return
         path = name if os.path.isabs(name) else os.path.join(
             os.path.dirname(self.node.filename), name)
-        fmt = self.header.backing_format or _probe(path)
+        try:
+            fmt = self.header.backing_format or probe_format(path)
+        except OSError:
+            fmt = "raw"  # opening it below reports the missing file by name
         ref = {"driver": fmt, "file": {"driver": "file", "filename": path}, "read-only": True}
         try:
             await open_child(self.node, {"backing": ref}, "backing", Role.COW)
