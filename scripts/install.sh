@@ -9,7 +9,7 @@ want_test=0
 sudo_cmd=()
 [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
 apt_pkgs=(python3-venv python3-pip graphviz)
-[ "$want_test" = 1 ] && apt_pkgs+=(qemu-utils qemu-system-common libnbd-bin nbdkit fio)
+[ "$want_test" = 1 ] && apt_pkgs+=(qemu-utils qemu-system-common libnbd-bin nbdkit fio openssl)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
