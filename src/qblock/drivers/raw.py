@@ -1,6 +1,7 @@
 """The ``raw`` format driver (block/raw-format.c): a window of ``size`` bytes at ``offset``."""
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from qblock.block import io
@@ -43,7 +44,7 @@ class RawDriver(BlockDriver):
     def _range(self, offset: int, length: int) -> int:
         """raw_adjust_offset(): refuse requests beyond an explicit size window."""
         if self.has_size and (offset > self.size or length > self.size - offset):
-            raise InvalidArgument("request past the end of the raw window", errno=28)
+            raise InvalidArgument("request past the end of the raw window", errno=errno.ENOSPC)
         return offset + self.offset
 
     async def co_preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:

@@ -11,6 +11,7 @@ UNALLOC (read from backing), ZERO (reads zeroes), DATA (host offset valid), COMP
 from __future__ import annotations
 
 import dataclasses
+import errno
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -560,7 +561,7 @@ class ClusterMap:
         i = (offset // self.cs) % self.slice_entries
         e = int(slc.table[i, 0] if self.extended else slc.table[i])
         if e & L2E_OFFSET_MASK:
-            raise QBlockError("Compression can't overwrite anything", errno=5)
+            raise QBlockError("Compression can't overwrite anything", errno=errno.EIO)
         await self.drv.before_allocation()
         coffset = await self.drv.refcounts.alloc_bytes(len(compressed))
         await write_host(coffset, memoryview(compressed))

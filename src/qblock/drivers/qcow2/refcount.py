@@ -13,6 +13,7 @@ before anything points at a cluster they count.
 """
 from __future__ import annotations
 
+import errno
 import struct
 from typing import TYPE_CHECKING
 
@@ -354,7 +355,7 @@ class Refcounts:
             if not block_offset:
                 if addend < 0:
                     raise RefcountError(f"Refcount of cluster {c_hex(c)} would become negative",
-                                        errno=22)
+                                        errno=errno.EINVAL)
                 await self._create_block(rt)
                 continue
             tbl = await self.cache.get(block_offset)
@@ -363,7 +364,7 @@ class Refcounts:
                 raise RefcountError("Refcount overflow", errno=34)
             if addend < 0 and (view < -addend).any():
                 raise RefcountError(f"Refcount of cluster {c_hex(c)} would become negative",
-                                    errno=22)
+                                    errno=errno.EINVAL)
             parts.append((block_offset, tbl, i, n, c))
             c += n
         freed_all = []
