@@ -19,6 +19,7 @@ import numpy as np
 from qblock import api
 from qblock.block import io
 from qblock.cli import imgcreate, imgfmt
+from qblock.cli.imgprogress import Progress
 from qblock.drivers.base import ReqFlags, Status
 from qblock.errors import QBlockError
 
@@ -73,7 +74,7 @@ class Converter:
         self._turn = asyncio.Condition()
         self._error: str | None = None
         self._allocated = self._done = 0
-        self._printed = -1.0
+        self._progress = Progress(self.progress)
 
     def _select(self, sector: int) -> tuple[int, int]:
         """convert_select_part(): the source holding ``sector`` and where that source starts."""
@@ -206,14 +207,8 @@ class Converter:
                                     ReqFlags.MAY_UNMAP if self.min_sparse else ReqFlags.NONE)
 
     def _report(self) -> None:
-        """qemu-progress.c progress_simple_print(), in steps of at least 1%."""
-        if not (self.progress and self._allocated):
-            return
-        current = 100.0 * self._done / self._allocated
-        if current - self._printed >= 1.0 or self._printed < 0:
-            self._printed = current
-            sys.stdout.write("    (%3.2f/100%%)\r" % current)
-            sys.stdout.flush()
+        """convert_co_do_copy()'s progress: the share of the allocated sectors copied."""
+        self._progress.fraction(self._done, self._allocated)
 
     async def _worker(self) -> None:
         """convert_co_do_copy()."""
@@ -267,10 +262,11 @@ class Converter:
                 self._allocated += n
             sector += n
         self._next_status = 0
-        self._report()
+        self._progress.start()
         await asyncio.gather(*(self._worker() for _ in range(self.num_workers)))
         if self._error is not None:
             raise ConvertError(self._error)
+        self._progress.end()
 
 
 @dataclass
@@ -372,7 +368,7 @@ def parse(argv: list[str]) -> Options | None:
     if len(o.args) < 2:
         _error("Must specify image file name")
         return None
-    o.progress = o.progress and not o.quiet and sys.stdout.isatty()
+    o.progress = Progress.wanted(o.progress, o.quiet)
     return o
 
 
@@ -472,8 +468,6 @@ async def _convert(o: Options) -> None:
         sparse_pow2 = 1 << (o.min_sparse.bit_length() - 1) if o.min_sparse else 1
         conv.alignment = max(sparse_pow2, -(-target.node.request_alignment // SECTOR))
         await conv.run()
-        if o.progress:
-            sys.stdout.write("    (100.00/100%)\r\n")
     finally:
         if target is not None:
             await target.close()
