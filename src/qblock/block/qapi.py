@@ -20,11 +20,11 @@ from qblock.block.graph import BdrvChild
 from qblock.block.node import BlockNode
 from qblock.block.perm import Role, perm_names
 from qblock.drivers.qcow2.header import AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, Qcow2Header
+from qblock.drivers.qcow2.snapshot import qapi_info, read_snapshots
 
 if TYPE_CHECKING:
     from qblock.block.backend import BlockBackend
 
-_SNAPSHOT = struct.Struct(">QIHHIIQII")  # qcow2.txt "Snapshot table entry"
 _BITMAP_DIR = struct.Struct(">QIIBBHI")  # qcow2.txt "Bitmap directory entry"
 BME_FLAG_IN_USE = 1
 BME_FLAG_AUTO = 2
@@ -40,33 +40,6 @@ def path_combine(base: str, name: str) -> str:
 
 
 # -- qcow2 metadata read for ImageInfo ------------------------------------------------------
-async def read_snapshots(file: BdrvChild, h: Qcow2Header) -> list[dict[str, Any]]:
-    """SnapshotInfo list from the snapshot table (qcow2.txt "Snapshot table")."""
-    out = []
-    offset = h.snapshots_offset
-    for _ in range(h.nb_snapshots):
-        head = bytes(await io.pread(file, offset, _SNAPSHOT.size))
-        (_l1, _l1s, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state,
-         extra_len) = _SNAPSHOT.unpack(head)
-        extra = bytes(await io.pread(file, offset + _SNAPSHOT.size, extra_len))
-        strings = bytes(await io.pread(file, offset + _SNAPSHOT.size + extra_len,
-                                       id_len + name_len))
-        if extra_len >= 8:
-            vm_state = struct.unpack_from(">Q", extra)[0]
-        icount = struct.unpack_from(">q", extra, 16)[0] if extra_len >= 24 else -1
-        sn: dict[str, Any] = {
-            "id": strings[:id_len].decode("utf-8", "replace"),
-            "name": strings[id_len:].decode("utf-8", "replace"),
-            "vm-state-size": vm_state, "date-sec": date_sec, "date-nsec": date_nsec,
-            "vm-clock-sec": vm_clock // 1_000_000_000,
-            "vm-clock-nsec": vm_clock % 1_000_000_000}
-        if icount != -1:
-            sn["icount"] = icount
-        out.append(sn)
-        offset += (_SNAPSHOT.size + extra_len + id_len + name_len + 7) & ~7
-    return out
-
-
 async def read_bitmaps(file: BdrvChild, h: Qcow2Header) -> list[dict[str, Any]]:
     """Qcow2BitmapInfo list from the bitmap directory (qcow2.txt "Bitmap directory")."""
     ext = h.bitmaps
@@ -134,9 +107,9 @@ async def qcow2_image_info(filename: str, h: Qcow2Header, file: BdrvChild,
         info["full-backing-filename"] = path_combine(filename, h.backing_file)
         if h.backing_format:
             info["backing-filename-format"] = h.backing_format
-    snapshots = await read_snapshots(file, h)
+    snapshots, _size = await read_snapshots(file, h)
     if snapshots:
-        info["snapshots"] = snapshots
+        info["snapshots"] = [qapi_info(sn) for sn in snapshots]
     return info
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import struct
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
@@ -27,6 +28,7 @@ from qblock.drivers.qcow2.header import (AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT,
                                          INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, QCOW_MAX_L1_SIZE,
                                          Qcow2Header)
 from qblock.drivers.qcow2.refcount import REFT_OFFSET_MASK
+from qblock.drivers.qcow2.snapshot import SnapshotInfo, read_snapshots
 
 if TYPE_CHECKING:
     from qblock.block.graph import BdrvChild
@@ -44,7 +46,6 @@ HEADER_L1_OFFSET = 40  # QCowHeader.l1_table_offset
 HEADER_REFTABLE = 48  # QCowHeader.refcount_table_offset, refcount_table_clusters
 HEADER_INCOMPAT = 72  # QCowHeader.incompatible_features
 
-_SNAPSHOT = struct.Struct(">QIHHIIQII")  # qcow2.txt "Snapshot table entry" (40 bytes)
 _BITMAP_DIR = struct.Struct(">QIIBBHI")  # qcow2.txt "Bitmap directory entry" (24 bytes)
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
@@ -66,19 +67,13 @@ class CheckResult:
     ret: int = 0  # a negative errno when the check could not complete (QEMU's return value)
 
 
-@dataclasses.dataclass
-class _Snapshot:
-    id_str: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-
-
 class _Checker:
     """One run of the checker over an image (the state QEMU keeps in BDRVQcow2State)."""
 
-    def __init__(self, file: BdrvChild, header: Qcow2Header, log: TextIO) -> None:
+    def __init__(self, file: BdrvChild, header: Qcow2Header, log: TextIO,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.file = file
+        self.progress = progress  # (L2 tables walked, all of them) of the active L1 table
         self.h = header
         self.log = log
         self.cs = header.cluster_size
@@ -94,7 +89,7 @@ class _Checker:
         self.reftable = np.zeros(0, dtype=np.uint64)
         self.stored = np.zeros(0, dtype=np.uint64)  # on-disk refcounts (qcow2_get_refcount)
         self.stored_err = np.zeros(0, dtype=bool)  # clusters whose refblock cannot be read
-        self.snapshots: list[_Snapshot] = []
+        self.snapshots: list[SnapshotInfo] = []
         self.snapshots_size = 0
 
     def err(self, msg: str) -> None:
@@ -142,21 +137,8 @@ class _Checker:
         return int(self.stored[cluster])
 
     async def load_snapshots(self) -> None:
-        """The snapshot table entries (qcow2-snapshot.c qcow2_read_snapshots)."""
-        h = self.h
-        offset = h.snapshots_offset
-        for _ in range(h.nb_snapshots):
-            head = await io.pread(self.file, offset, _SNAPSHOT.size)
-            (l1_off, l1_size, id_len, name_len, _ds, _dn, _vmc, _vms,
-             extra) = _SNAPSHOT.unpack(bytes(head))
-            strings = await io.pread(self.file, offset + _SNAPSHOT.size + extra,
-                                     id_len + name_len)
-            self.snapshots.append(_Snapshot(
-                bytes(strings[:id_len]).decode("utf-8", "replace"),
-                bytes(strings[id_len:]).decode("utf-8", "replace"), l1_off, l1_size))
-            size = _SNAPSHOT.size + extra + id_len + name_len
-            offset += (size + 7) & ~7
-        self.snapshots_size = offset - h.snapshots_offset
+        """The snapshot table entries, read as the driver reads them at open."""
+        self.snapshots, self.snapshots_size = await read_snapshots(self.file, self.h)
 
     # -- the in-memory refcount table (IMRT) ---------------------------------------------------
     def inc(self, res: CheckResult, imrt: list[np.ndarray], offset: int, size: int) -> None:
@@ -251,7 +233,10 @@ class _Checker:
         self.inc(res, imrt, l1_offset, l1_size * 8)
         l1 = np.frombuffer(bytes(await io.pread(self.file, l1_offset, l1_size * 8)),
                            dtype=">u8").astype(np.uint64)
-        for entry in l1[l1 != 0].tolist():
+        entries = l1[l1 != 0].tolist()
+        for done, entry in enumerate(entries):
+            if active and self.progress is not None:
+                self.progress(done, len(entries))
             if entry & L1E_RESERVED_MASK:
                 self.err(f"ERROR found L1 entry with reserved bits set: {entry:x}")
                 res.corruptions += 1
@@ -689,16 +674,18 @@ class _CheckFailed(Exception):
         self.res = res
 
 
-async def check_image(drv: Any, fix: int, *, log: TextIO | None = None) -> CheckResult:
+async def check_image(drv: Any, fix: int, *, log: TextIO | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> CheckResult:
     """qcow2_co_check_locked(): check (and with ``fix`` repair) the image of ``drv``.
 
     ``drv`` provides ``file`` (the BdrvChild of the image file) and ``header`` (its parsed
     Qcow2Header, updated in place by repairs).  ``fix`` is a mask of FIX_LEAKS/FIX_ERRORS.
-    A clean result after a repair clears the dirty and corrupt bits.
+    A clean result after a repair clears the dirty and corrupt bits.  ``progress(done,
+    total)`` is called before each L2 table of the active L1 table is walked.
     """
     file: BdrvChild = drv.file
     header: Qcow2Header = drv.header
-    chk = _Checker(file, header, log if log is not None else sys.stderr)
+    chk = _Checker(file, header, log if log is not None else sys.stderr, progress)
     await chk.load()
     try:
         res = await check_refcounts(chk, fix)
