@@ -370,7 +370,11 @@ async def block_status_above(node: BlockNode, base: BlockNode | None, offset: in
         if edge is None:
             return st, 0
         if offset >= edge.node.length():
-            return BlockStatus(st.status | Status.ZERO, st.pnum), 0
+            if edge.node is base:
+                return BlockStatus(st.status | Status.ZERO, st.pnum), 0
+            # block/io.c: zeroes synthesized beyond the end of a short layer "behave as if
+            # they were allocated at this layer"
+            return BlockStatus(Status.ZERO | Status.ALLOCATED, st.pnum), depth + 1
         current = edge.node
         depth += 1
     return BlockStatus(Status.NONE, length), 0

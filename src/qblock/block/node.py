@@ -205,6 +205,11 @@ class BlockNode:
             return
         if read_only and any(e.perm & (Perm.WRITE | Perm.RESIZE) for e in self.parents):
             raise NodeInUse(f"Node '{self.node_name}' is in use for writing")
+        # bdrv_reopen_queue_child(): a file child only this node uses becomes writable with
+        # it (it stays so when the node goes back: the format may still flush tables to it)
+        storage = self.file
+        if not read_only and storage is not None and len(storage.node.parents) == 1:
+            storage.node.set_read_only(False)
         self.drv.reopen_read_only(read_only)
         self.read_only = read_only
         refresh_perms([self])

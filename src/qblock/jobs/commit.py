@@ -17,6 +17,7 @@ from qblock.drivers.base import Status
 from qblock.errors import QBlockError
 from qblock.jobs.blockjob import BlockJob
 from qblock.jobs.filter import insert_filter, remove_filter, undo_insert
+from qblock.jobs.stream import set_backing_string
 
 COMMIT_BUFFER_SIZE = 512 * 1024  # commit.c COMMIT_BUFFER_SIZE
 
@@ -25,16 +26,6 @@ def chain_between(top: BlockNode, base: BlockNode) -> list[BlockNode]:
     """``top`` and every node below it down to ``base`` (exclusive)."""
     chain = top.backing_chain()
     return chain[:chain.index(base)]
-
-
-async def change_backing_file(node: BlockNode, filename: str, fmt: str) -> None:
-    """bdrv_change_backing_file(): rewrite the backing file name in a qcow2 header."""
-    if node.drv.format_name != "qcow2":
-        return
-    header = node.drv.header  # type: ignore[attr-defined]
-    header.backing_file = filename
-    header.backing_format = fmt
-    await node.drv.update_header()  # type: ignore[attr-defined]
 
 
 class CommitJob(BlockJob):
@@ -142,7 +133,7 @@ class CommitJob(BlockJob):
             fmt = "raw"  # REFERENCE 5: a protocol node is recorded as format raw
         for edge in list(self.filter.parents):
             if edge.name == "backing" and isinstance(edge.parent, BlockNode):
-                await change_backing_file(edge.parent, name, fmt)
+                await set_backing_string(edge.parent, name, fmt)
         replace_node(self.filter, self.base, keep=list(self.nodes))
 
     async def clean(self) -> None:

@@ -28,6 +28,14 @@ MAX_IO_BYTES = 1 << 20  # mirror.c MAX_IO_BYTES
 DEFAULT_MIRROR_BUF_SIZE = 1 << 20  # mirror.c DEFAULT_MIRROR_BUF_SIZE
 
 
+class _Method(enum.Enum):
+    """mirror.c MirrorMethod."""
+
+    COPY = "copy"
+    ZERO = "zero"
+    DISCARD = "discard"
+
+
 class _TargetError(QBlockError):
     """A request on the mirror target failed (the cause is the original error)."""
 
@@ -185,24 +193,53 @@ class MirrorJob(BlockJob):
         await self.ratelimit(n)
 
     async def _copy_range(self, offset: int, n: int) -> None:
-        """Copy one range; a failure on the target is wrapped in _TargetError."""
+        """mirror_iteration()'s inner loop: the range in runs of one block status each, copied,
+        zeroed or discarded on the target; a target failure is wrapped in _TargetError."""
         assert self.target is not None
-        st, depth = await io.block_status_above(self.top, self.base, offset, n)
+        end = offset + n
+        while offset < end:
+            method, io_bytes = await self._method(offset, end - offset)
+            io_bytes = min(io_bytes, end - offset)  # mirror_clip_bytes()
+            if method is _Method.COPY:
+                buf = bytearray(io_bytes)
+                await io.node_preadv(self.top, offset, memoryview(buf))
+            try:
+                if method is _Method.COPY:
+                    await self.target.pwritev(offset, buf)
+                elif method is _Method.ZERO:
+                    await self.target.pwrite_zeroes(
+                        offset, io_bytes, ReqFlags.MAY_UNMAP if self.unmap else ReqFlags.NONE)
+                else:
+                    await self.target.pdiscard(offset, io_bytes)
+            except QBlockError as e:
+                raise _TargetError(str(e)) from e
+            offset += io_bytes
+
+    async def _method(self, offset: int, n: int) -> tuple[_Method, int]:
+        """mirror_iteration(): how to mirror the run at ``offset`` and its length.
+
+        The status is of the whole source chain; a data run is copied, a run without data
+        covering whole chunks (and whole target clusters) is zeroed, or discarded when it
+        does not read as zeroes; anything shorter than a chunk is copied as one chunk.
+        """
+        g = self.granularity
         try:
-            if st.pnum == n and st.status & Status.ZERO and depth > 0:
-                await self.target.pwrite_zeroes(offset, n)
-                return
-            if st.pnum == n and depth == 0 and self.base is None and self.unmap:
-                await self.target.pwrite_zeroes(offset, n, ReqFlags.MAY_UNMAP)
-                return
-        except QBlockError as e:
-            raise _TargetError(str(e)) from e
-        buf = bytearray(n)
-        await io.node_preadv(self.top, offset, memoryview(buf))
-        try:
-            await self.target.pwritev(offset, buf)
-        except QBlockError as e:
-            raise _TargetError(str(e)) from e
+            st, _depth = await io.block_status_above(self.top, None, offset, n)
+        except QBlockError:
+            return _Method.COPY, min(n, MAX_IO_BYTES)
+        io_bytes = min(st.pnum, MAX_IO_BYTES) if st.status & Status.DATA else st.pnum
+        io_bytes -= io_bytes % g
+        if io_bytes < g:
+            return _Method.COPY, g
+        if not st.status & Status.DATA and self._target_cluster_aligned(offset, io_bytes):
+            return (_Method.ZERO if st.status & Status.ZERO else _Method.DISCARD), io_bytes
+        return _Method.COPY, io_bytes
+
+    def _target_cluster_aligned(self, offset: int, n: int) -> bool:
+        """bdrv_round_to_clusters() on the target leaves the range as it is."""
+        header = getattr(self.target_node.drv, "header", None)
+        cs = header.cluster_size if header is not None else 0
+        return not cs or (offset % cs == 0 and n % cs == 0)
 
     async def run(self) -> None:
         assert self.target is not None

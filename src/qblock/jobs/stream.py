@@ -132,11 +132,8 @@ async def drop_cor_filter(node: BlockNode) -> None:
 
 async def set_backing_string(node: BlockNode, filename: str | None, fmt: str | None) -> None:
     """bdrv_change_backing_file() on a qcow2 node; other formats keep no backing name."""
-    if node.drv.format_name != "qcow2":
-        return
-    header = node.drv.header  # type: ignore[attr-defined]
-    header.backing_file, header.backing_format = filename, fmt
-    await node.drv.update_header()  # type: ignore[attr-defined]
+    if node.drv.format_name == "qcow2":
+        await node.drv.change_backing_file(filename, fmt)  # type: ignore[attr-defined]
 
 
 class StreamJob(BlockJob):
