@@ -235,7 +235,8 @@ async def _free_table(drv: Qcow2Driver, e: DirEntry) -> None:
     hosts = hosts[hosts != 0]
     if len(hosts):
         for run in np.split(hosts, np.flatnonzero(np.diff(hosts) != cs) + 1):
-            await drv.refcounts.free(int(run[0]), len(run) * cs)
+            # qcow2-bitmap.c clear_bitmap_table(): data clusters go with QCOW2_DISCARD_ALWAYS
+            await drv.refcounts.free(int(run[0]), len(run) * cs, "always")
     await drv.refcounts.free(e.table_offset, e.table_size * 8)
 
 

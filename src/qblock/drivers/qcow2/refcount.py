@@ -320,6 +320,30 @@ class Refcounts:
         self.drv.tables_changed()
         await self.update(old_offset, old_size * 8, -1, "other")
 
+    async def shrink_table(self) -> None:
+        """qcow2_shrink_reftable(): drop refcount blocks that count nothing but themselves.
+
+        The new table is written (and flushed) before the dropped blocks are freed.
+        """
+        cs, rbe = self.cluster_size, self.rb_entries
+        keep = self.table.copy()
+        for rt in np.flatnonzero(self.table).tolist():
+            offset = self._block_offset(rt)
+            block = await self.cache.get(offset)
+            own = offset // cs - rt * rbe
+            others = block if not 0 <= own < rbe else np.delete(block, own)
+            if not others.any():
+                keep[rt] = 0
+        if np.array_equal(keep, self.table):
+            return
+        await self.drv.overlap_check(self.table_offset, len(keep) * 8, ignore="refcount_table")
+        await io.pwritev(self.drv.file, self.table_offset, keep.astype(">u8").tobytes())
+        await io.flush(self.drv.file.node)
+        for rt in np.flatnonzero(self.table != keep).tolist():
+            await self.free(int(self.table[rt]) & REFT_OFFSET_MASK, cs)
+            self.table[rt] = 0
+        self.drv.tables_changed()
+
     async def _write_table_entry(self, rt_index: int) -> None:
         """Write one refcount table entry and make it durable."""
         self.drv.tables_changed()
