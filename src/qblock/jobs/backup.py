@@ -10,6 +10,12 @@ With a sync bitmap the bitmap is frozen (busy, not recording) and a successor re
 writes while the job runs; at the end (backup_cleanup_sync_bitmap) either the successor takes
 its place ("sync") or is merged back into it, and a failed ``always`` job also merges the
 clusters it did not copy.
+
+A failed copy follows on-source-error (a read) or on-target-error (a write) as
+backup_error_action() does: report ends the job with the error, ignore retries the range that
+stayed dirty, stop (enospc/auto for ENOSPC) pauses the job with its io-status set until
+block-job-resume, then retries; meanwhile guest writes still copy their old data through the
+filter.  compress=true writes every data cluster compressed, one cluster per request.
 """
 from __future__ import annotations
 
@@ -20,9 +26,10 @@ from qblock.block.dirty_bitmap import CHECK_BUSY, CHECK_DEFAULT, DirtyBitmap, ch
 from qblock.block.node import BlockNode, unref_if_unused
 from qblock.block.perm import PERM_ALL, PERM_NONE
 from qblock.drivers.base import Status
+from qblock.drivers.qcow2.driver import Qcow2Driver
 from qblock.errors import QBlockError
 from qblock.jobs.blockjob import SLICE_TIME, BlockJob
-from qblock.jobs.cbw import MAX_COPY, CopyBeforeWriteDriver, cbw_append, cbw_drop, cbw_undo
+from qblock.jobs.cbw import CopyBeforeWriteDriver, CopyError, cbw_append, cbw_drop, cbw_undo
 
 CLUSTER_SIZE_DEFAULT = 64 * 1024  # block-copy.c BLOCK_COPY_CLUSTER_SIZE_DEFAULT
 
@@ -33,6 +40,15 @@ def copy_cluster_size(target: BlockNode) -> int:
     return max(CLUSTER_SIZE_DEFAULT, getattr(header, "cluster_size", 0))
 
 
+def supports_compressed_writes(node: BlockNode) -> bool:
+    """bdrv_supports_compressed_writes(): the driver has compressed writes (qcow2 here), and
+    so has the node below a filter."""
+    if isinstance(node.drv, Qcow2Driver):
+        return True
+    edge = node.file if node.drv.is_filter else None
+    return edge is not None and supports_compressed_writes(edge.node)
+
+
 class BackupJob(BlockJob):
     """blockdev-backup: point-in-time copy of ``source`` to ``target``."""
 
@@ -41,7 +57,8 @@ class BackupJob(BlockJob):
     def __init__(self, job_id: str, jobs: dict[str, Any], events: Any, source: BlockNode,
                  target: BlockNode, *, sync: str, bitmap: DirtyBitmap | None = None,
                  bitmap_mode: str = "on-success", filter_node_name: str | None = None,
-                 **kw: Any) -> None:
+                 on_source_error: str = "report", on_target_error: str = "report",
+                 compress: bool = False, **kw: Any) -> None:
         if source is target:
             raise QBlockError("Source and target cannot be the same")
         if source.length() != target.length():
@@ -51,7 +68,9 @@ class BackupJob(BlockJob):
         self.source, self.target, self.sync = source, target, sync
         self.sync_bitmap, self.bitmap_mode = bitmap, bitmap_mode
         self.successor: DirtyBitmap | None = None
-        self.cbw = cbw_append(source, target, filter_node_name, copy_cluster_size(target), [])
+        self.on_source_error, self.on_target_error = on_source_error, on_target_error
+        self.cbw = cbw_append(source, target, filter_node_name, copy_cluster_size(target), [],
+                              compress)
         drv = self.cbw.drv
         assert isinstance(drv, CopyBeforeWriteDriver)
         self.bcs = drv.bcs
@@ -124,10 +143,11 @@ class BackupJob(BlockJob):
     def _chunk(self) -> int:
         """Bytes per copy request: with a speed limit, what one slice allows (whole
         clusters), so the limit spreads the copying instead of pausing after it."""
+        size = self.bcs.copy_size
         if not self.speed:
-            return MAX_COPY
+            return size
         cs = self.bcs.cluster_size
-        return max(cs, min(MAX_COPY, int(self.speed * SLICE_TIME) // cs * cs))
+        return max(cs, min(size, int(self.speed * SLICE_TIME) // cs * cs))
 
     async def run(self) -> None:
         if self.sync == "none":
@@ -143,18 +163,24 @@ class BackupJob(BlockJob):
             if start < 0:
                 break
             n = min(self._chunk(), self.bcs.length - start)
-            await self.bcs.copy(start, n)
+            try:
+                await self.bcs.copy(start, n)
+            except CopyError as e:
+                self._copy_failed(e)
+                offset = start  # backup_loop(): retry what stayed dirty
+                continue
             await self.ratelimit(n)
             offset = start + n
         await io.flush(self.target)
 
-    # -- completion ---------------------------------------------------------------------------
-    def emit_cancelled(self) -> None:
-        """A job cancelled before it started (a transaction's abort) announces no
-        BLOCK_JOB_CANCELLED in QEMU 7.2, only its status changes."""
-        if self.task is not None:
-            super().emit_cancelled()
+    def _copy_failed(self, e: CopyError) -> None:
+        """backup_error_action(): report ends the job with the error; stop pauses it before
+        the retry (the loop's pause point), ignore retries at once."""
+        policy = self.on_source_error if e.is_read else self.on_target_error
+        if self.error_action(policy, e.is_read, e.cause) == "report":
+            raise e.cause from None
 
+    # -- completion ---------------------------------------------------------------------------
     async def prepare(self) -> None:
         self._cleanup_sync_bitmap(True)
 

@@ -108,9 +108,10 @@ class BlockJob(Job):
             action = "stop" if err == errno.ENOSPC else "report"
         else:
             action = on_error
-        self._emit("BLOCK_JOB_ERROR", {"device": self.id,
-                                       "operation": "read" if is_read else "write",
-                                       "action": action})
+        if not self.is_cancelled():
+            self._emit("BLOCK_JOB_ERROR", {"device": self.id,
+                                           "operation": "read" if is_read else "write",
+                                           "action": action})
         if action == "stop":
             if not self.user_paused:
                 self.pause()

@@ -10,6 +10,7 @@ remaining dirty clusters through the same ``BlockCopy``; a cluster is copied at 
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable, Callable
 
 from qblock.block import io
@@ -18,17 +19,36 @@ from qblock.block.graph import BdrvChild, replace_node
 from qblock.block.node import BlockNode, close_node, registry
 from qblock.block.perm import PERM_ALL, ROLE_FILTER, Perm, Role
 from qblock.drivers.base import BlockDriver, BlockStatus, ReqFlags, Status
+from qblock.errors import QBlockError
 
 MAX_COPY = 1 << 20  # block-copy.c BLOCK_COPY_MAX_BUFFER
 
 
-class BlockCopy:
-    """block-copy.c BlockCopyState: the copy bitmap and the copies in flight."""
+class CopyError(QBlockError):
+    """A copy request failed: ``is_read`` tells whether on the source (block_copy() error_is_read),
+    the cause is the original error."""
 
-    def __init__(self, source: BlockNode, target: BlockNode, cluster_size: int) -> None:
+    def __init__(self, cause: Exception, is_read: bool) -> None:
+        super().__init__(str(cause))
+        self.cause, self.is_read = cause, is_read
+        self.errno = getattr(cause, "errno", None) or errno.EIO
+
+
+class BlockCopy:
+    """block-copy.c BlockCopyState: the copy bitmap and the copies in flight.
+
+    With ``compress`` every data write carries BDRV_REQ_WRITE_COMPRESSED and is one whole
+    cluster (block_copy_state_new(): COPY_READ_WRITE_CLUSTER); zeroes are written without it.
+    """
+
+    def __init__(self, source: BlockNode, target: BlockNode, cluster_size: int,
+                 compress: bool = False) -> None:
         self.source, self.target = source, target
         self.cluster_size = cluster_size
         self.length = source.length()
+        self.write_flags = ReqFlags.WRITE_COMPRESSED if compress else ReqFlags.NONE
+        # block-copy.c: copy_size is one cluster when compressing, else the bounce buffer
+        self.copy_size = cluster_size if compress else max(cluster_size, MAX_COPY)
         self.copy_bitmap = DirtyBitmap(None, self.length, cluster_size)
         self.copy_bitmap.set_all()
         self.in_flight: list[tuple[int, int, asyncio.Event]] = []
@@ -57,7 +77,11 @@ class BlockCopy:
 
     async def copy(self, offset: int, length: int) -> None:
         """Copy the dirty clusters touching [offset, offset + length) to the target, after
-        any copy in flight over the same clusters finished (block_copy())."""
+        any copy in flight over the same clusters finished (block_copy()).
+
+        A failure raises CopyError; the clusters not copied are dirty again
+        (block_copy_task_end()), those copied before it stay clean.
+        """
         cs = self.cluster_size
         start = offset // cs * cs
         end = min(-(-(offset + length) // cs) * cs, self.length)
@@ -71,12 +95,17 @@ class BlockCopy:
             self.copy_bitmap.reset_range(s, e - s)
             self.in_flight.append((s, e, done))
         entries = self.in_flight[-len(extents):]
+        pending = list(extents)
         try:
-            for s, e in extents:
-                for pos in range(s, e, MAX_COPY):
-                    await self._copy_extent(pos, min(e, pos + MAX_COPY) - pos)
+            while pending:
+                s, e = pending[0]
+                n = min(e - s, self.copy_size)
+                await self._copy_extent(s, n)
+                pending[0] = (s + n, e)
+                if s + n >= e:
+                    pending.pop(0)
         except BaseException:
-            for s, e in extents:
+            for s, e in pending:
                 self.copy_bitmap.set_range(s, e - s)
             raise
         finally:
@@ -84,19 +113,43 @@ class BlockCopy:
                 self.in_flight.remove(entry)
             done.set()
 
+    async def _status(self, offset: int, length: int) -> tuple[bool, int]:
+        """block_copy_block_status(): (zeroes?, bytes) rounded to whole clusters; a run
+        shorter than a cluster or an error copies one cluster as data."""
+        cs = self.cluster_size
+        try:
+            st, _ = await io.block_status_above(self.source, None, offset, length)
+        except QBlockError:
+            return False, min(cs, length)
+        n = min(st.pnum, length)
+        if n < cs:
+            return False, min(cs, length)
+        if offset + n != self.length:
+            n = n // cs * cs
+        return bool(st.status & Status.ZERO), n
+
     async def _copy_extent(self, offset: int, length: int) -> None:
         """Contiguous requests: zeroes as write-zeroes, data as read + write
-        (block_copy_do_copy with block_copy_block_status)."""
+        (block_copy_do_copy())."""
         end = offset + length
         while offset < end:
-            st, _ = await io.block_status_above(self.source, None, offset, end - offset)
-            n = min(st.pnum, end - offset) if st.pnum > 0 else end - offset
-            if st.status & Status.ZERO:
-                await io.node_pwrite_zeroes(self.target, offset, n, ReqFlags.NONE)
+            zeroes, n = await self._status(offset, end - offset)
+            if zeroes:
+                try:
+                    await io.node_pwrite_zeroes(self.target, offset, n, ReqFlags.NONE)
+                except QBlockError as e:
+                    raise CopyError(e, False) from e
             else:
                 buf = bytearray(n)
-                await io.node_preadv(self.source, offset, memoryview(buf))
-                await io.node_pwritev(self.target, offset, memoryview(buf), ReqFlags.NONE)
+                try:
+                    await io.node_preadv(self.source, offset, memoryview(buf))
+                except QBlockError as e:
+                    raise CopyError(e, True) from e
+                try:
+                    await io.node_pwritev(self.target, offset, memoryview(buf),
+                                          self.write_flags)
+                except QBlockError as e:
+                    raise CopyError(e, False) from e
             if self.progress is not None:
                 self.progress(n)
             offset += n
@@ -137,12 +190,19 @@ class CopyBeforeWriteDriver(BlockDriver):
 
     async def _tracked(self, offset: int, length: int,
                        write: Callable[[BlockNode], Awaitable[None]]) -> None:
-        """cbw_do_copy_before_write(), then the request itself on the source."""
+        """cbw_do_copy_before_write(), then the request itself on the source.
+
+        A failed copy fails the guest request with its error (copy-before-write.c
+        on-cbw-error=break-guest-write, the default); the clusters stay dirty for the job.
+        """
         self.in_flight += 1
         self._idle.clear()
         try:
             if self.active:
-                await self.bcs.copy(offset, length)
+                try:
+                    await self.bcs.copy(offset, length)
+                except CopyError as e:
+                    raise e.cause from None
             await write(self._source())
         finally:
             self.in_flight -= 1
@@ -176,9 +236,9 @@ class CopyBeforeWriteDriver(BlockDriver):
 
 
 def cbw_append(source: BlockNode, target: BlockNode, node_name: str | None,
-               cluster_size: int, keep: list[BdrvChild]) -> BlockNode:
+               cluster_size: int, keep: list[BdrvChild], compress: bool = False) -> BlockNode:
     """bdrv_cbw_append(): the filter above ``source``; its parents (but ``keep``) move up."""
-    drv = CopyBeforeWriteDriver(BlockCopy(source, target, cluster_size))
+    drv = CopyBeforeWriteDriver(BlockCopy(source, target, cluster_size, compress))
     node = BlockNode(drv, {"driver": "copy-before-write"}, node_name=node_name)
     drv.node = node
     node.filename = source.filename

@@ -61,8 +61,30 @@ VERBS: dict[str, frozenset[JobStatus]] = {
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")  # util/id.c id_wellformed()
 
 
+_DONE = frozenset({S.WAITING, S.PENDING, S.ABORTING, S.CONCLUDED, S.NULL})  # job_is_completed
+
+
 class JobCancelled(Exception):
     """Raised at a pause point of a job that was cancelled; ends ``run``."""
+
+
+class JobTxn:
+    """job.c JobTxn: jobs that finish together.  Every job has one; a transaction with
+    completion-mode=grouped puts its backup jobs into a shared one (REFERENCE 4.4): none
+    finalizes before all are done, and when one fails or is cancelled the others are
+    cancelled."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self.aborting = False
+
+    def add(self, job: Job) -> None:
+        """job_txn_add_job(): newest first, like QEMU's QLIST_INSERT_HEAD (this is the
+        order in which the jobs go pending and finalize)."""
+        if job.txn is not None:
+            job.txn.jobs.remove(job)
+        self.jobs.insert(0, job)
+        job.txn = self
 
 
 class Job:
@@ -94,6 +116,8 @@ class Job:
         self.task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()
+        self.txn: JobTxn | None = None
+        JobTxn().add(self)
         jobs[job_id] = self
         self._set_status(S.CREATED)
 
@@ -173,7 +197,7 @@ class Job:
         except Exception as e:  # the job fails with the message QEMU would report
             self.error = str(e)
         self.busy = False
-        await self._completed()
+        await self._job_completed()
 
     async def pause_point(self) -> None:
         """job_pause_point(): stop here while paused; raise once cancelled."""
@@ -255,21 +279,26 @@ class Job:
         await self.cancel(force)
 
     async def cancel(self, force: bool) -> None:
-        """job_cancel()."""
+        """job_cancel(): a job not started completes at once, a job done running aborts its
+        transaction, a running one stops at its next pause point."""
         if self.status == S.CONCLUDED:
             self._do_dismiss()
             return
+        self._cancel_async(force)
+        if self.status == S.CREATED:
+            await self._job_completed()
+        elif self.status in (S.WAITING, S.PENDING) and self.is_cancelled():
+            await self._txn_abort()
+
+    def _cancel_async(self, force: bool) -> None:
+        """job_cancel_async(): a soft cancel of a job that is not READY is a forced one; a
+        forced cancel resumes the job; the job wakes to see it."""
         self.cancelled = True
         self.force_cancel = self.force_cancel or force or not self.is_ready()
-        if self.status == S.CREATED:
-            await self._abort_path()
-        elif self.status == S.PENDING:
-            await self._finalize_or_abort()
-        else:
-            if self.is_cancelled():  # job_cancel_async(): a forced cancel resumes the job
-                self.user_paused = False
-                self.resume_all()
-            self.kick()
+        if self.is_cancelled():
+            self.user_paused = False
+            self.resume_all()
+        self.kick()
 
     def complete(self) -> None:
         """job_complete()."""
@@ -282,7 +311,7 @@ class Job:
     async def finalize(self) -> None:
         """job_finalize(): the user lets a PENDING job make its graph changes."""
         self.check_verb("finalize")
-        await self._finalize_or_abort()
+        await self._do_finalize()
 
     def dismiss(self) -> None:
         """job_dismiss(): drop a CONCLUDED job."""
@@ -297,18 +326,22 @@ class Job:
         """Until the job concluded (or is gone)."""
         await self._finished.wait()
 
-    # -- completion (job.c job_completed, job_finalize_single) --------------------------------
-    async def _completed(self) -> None:
-        if self.error is None and not self.is_cancelled():
+    # -- completion (job.c job_completed, job_finalize_single, job_completed_txn_*) -----------
+    async def _job_completed(self) -> None:
+        """job_completed(): the job is done running (or was cancelled before it started)."""
+        self._update_rc()
+        if self.error is not None:
+            await self._txn_abort()
+        else:
+            await self._txn_success()
+
+    def _update_rc(self) -> None:
+        """job_update_rc(): a cancel is a failure; a failing job is aborting."""
+        if self.error is None and self.is_cancelled():
+            self.error = "Operation canceled"
+        if self.error is not None and self.status != S.ABORTING:
             self.resume_all()
-            self._set_status(S.WAITING)
-            self._set_status(S.PENDING)
-            if self.auto_finalize:
-                await self._finalize_or_abort()
-            else:
-                self.emit_pending()
-            return
-        await self._abort_path()
+            self._set_status(S.ABORTING)
 
     def resume_all(self) -> None:
         """Leave PAUSED/STANDBY whatever the pause count (the job is ending)."""
@@ -318,36 +351,77 @@ class Job:
         elif self.status == S.STANDBY:
             self._set_status(S.READY)
 
-    async def _finalize_or_abort(self) -> None:
-        if not self.is_cancelled():
-            try:
-                await self.prepare()
-            except QBlockError as e:
-                self.error = str(e)
-        if self.error is not None or self.is_cancelled():
-            await self._abort_path()
-            return
-        await self.clean()
-        self.emit_completed()
-        await self._conclude()
-
-    async def _abort_path(self) -> None:
-        if self.is_cancelled() and self.error is None:
-            self.error = "Operation canceled"
+    async def _txn_success(self) -> None:
+        """job_completed_txn_success(): wait for the transaction; the last job done moves
+        them all to PENDING and, unless one wants a manual finalize, finalizes them."""
+        assert self.txn is not None
         self.resume_all()
-        self._set_status(S.ABORTING)
-        await self.abort()
+        self._set_status(S.WAITING)
+        jobs = self.txn.jobs
+        if any(j.status not in _DONE for j in jobs):
+            return
+        for job in list(jobs):
+            job._set_status(S.PENDING)
+            if not job.auto_finalize:
+                job.emit_pending()
+        if all(j.auto_finalize for j in jobs):
+            await self._do_finalize()
+
+    async def _do_finalize(self) -> None:
+        """job_do_finalize(): prepare every job of the transaction, then finalize each; a
+        failed prepare aborts them all."""
+        assert self.txn is not None
+        for job in list(self.txn.jobs):
+            if job.error is None:
+                try:
+                    await job.prepare()
+                except QBlockError as e:
+                    job.error = str(e)
+                job._update_rc()
+            if job.error is not None:
+                await self._txn_abort()
+                return
+        while self.txn.jobs:
+            await self.txn.jobs[0]._finalize_single()
+
+    async def _txn_abort(self) -> None:
+        """job_completed_txn_abort(): cancel the other jobs, let those still running stop,
+        then finalize (abort) every job in transaction order."""
+        txn = self.txn
+        assert txn is not None
+        if txn.aborting:
+            return
+        txn.aborting = True
+        others = [j for j in txn.jobs if j is not self]
+        for job in others:
+            job._cancel_async(True)
+        current = asyncio.current_task()
+        for job in others:
+            if job.task is not None and job.task is not current and not job.task.done():
+                await asyncio.shield(job.task)
+        while txn.jobs:
+            await txn.jobs[0]._finalize_single()
+
+    async def _finalize_single(self) -> None:
+        """job_finalize_single(): abort a failed job, clean up, announce the end (only if
+        the job started), leave the transaction, conclude."""
+        assert self.txn is not None
+        self._update_rc()
+        if self.error is not None:
+            await self.abort()
         await self.clean()
-        if self.is_cancelled():
-            self.emit_cancelled()
-        else:
-            self.emit_completed()
+        if self.task is not None:
+            if self.is_cancelled():
+                self.emit_cancelled()
+            else:
+                self.emit_completed()
+        self.txn.jobs.remove(self)
         await self._conclude()
 
     async def _conclude(self) -> None:
         self._set_status(S.CONCLUDED)
         self._finished.set()
-        if self.auto_dismiss:
+        if self.auto_dismiss or self.task is None:  # a job never started is always dismissed
             self._do_dismiss()
 
     # -- QMP ---------------------------------------------------------------------------------

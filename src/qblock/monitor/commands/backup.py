@@ -7,8 +7,8 @@ from typing import Any
 
 from qblock.block.dirty_bitmap import CHECK_ALLOW_RO, check_bitmap, find_bitmap
 from qblock.block.node import BlockNode
-from qblock.errors import InvalidArgument, NotSupported, QBlockError
-from qblock.jobs.backup import BackupJob
+from qblock.errors import InvalidArgument, QBlockError
+from qblock.jobs.backup import BackupJob, supports_compressed_writes
 from qblock.jobs.blockjob import BlockJob
 from qblock.monitor.commands.block import lookup_bs
 from qblock.monitor.commands.commit import ON_ERROR
@@ -60,17 +60,18 @@ def create_backup(ctx: CommandContext, args: dict[str, Any]) -> BackupJob:
         raise InvalidArgument("Cannot specify bitmap sync mode without a bitmap")
     if bitmap is not None and sync == "none":
         raise InvalidArgument("sync mode 'none' does not produce meaningful bitmap outputs")
-    for key in ("on-source-error", "on-target-error"):
-        if args.get(key, "report") != "report":
-            raise InvalidArgument(f"qblock's backup jobs only support {key} 'report'")
-    if args.get("compress", False):
-        raise NotSupported(f"Compression is not supported for this drive "
-                           f"{target.node_name}")
+    compress = args.get("compress", False)
+    if compress and not supports_compressed_writes(target):
+        # backup_job_create() names the target's BlockBackend, which a node added with
+        # blockdev-add does not have: the name is empty
+        raise QBlockError("Compression is not supported for this drive ")
     _check_not_busy(ctx, source)
     _check_not_busy(ctx, target)
     return BackupJob(args.get("job-id", ""), ctx.state.jobs, ctx.state.events, source, target,
                      sync=sync, bitmap=bitmap, bitmap_mode=mode or "on-success",
                      filter_node_name=args.get("filter-node-name"),
+                     on_source_error=args.get("on-source-error", "report"),
+                     on_target_error=args.get("on-target-error", "report"), compress=compress,
                      speed=args.get("speed", 0), auto_finalize=args.get("auto-finalize", True),
                      auto_dismiss=args.get("auto-dismiss", True))
 

@@ -33,12 +33,14 @@ def find_block_job(ctx: CommandContext, device: str) -> BlockJob:
 
 @command("query-jobs")
 async def query_jobs(ctx: CommandContext, args: dict[str, Any]) -> list[Any]:
-    return [job.info() for job in ctx.state.jobs.values()]
+    # job.c job_create() puts a new job at the head of the list: newest first
+    return [job.info() for job in reversed(ctx.state.jobs.values())]
 
 
 @command("query-block-jobs")
 async def query_block_jobs(ctx: CommandContext, args: dict[str, Any]) -> list[Any]:
-    return [job.block_info() for job in ctx.state.jobs.values() if isinstance(job, BlockJob)]
+    return [job.block_info() for job in reversed(ctx.state.jobs.values())
+            if isinstance(job, BlockJob)]
 
 
 # -- job-* ---------------------------------------------------------------------------------------

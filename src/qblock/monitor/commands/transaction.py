@@ -7,13 +7,16 @@ order: only then do backup jobs start and removed bitmaps go.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from qblock.block import dirty_bitmap as dbm
 from qblock.block.graph import replace_node
 from qblock.block.node import BlockNode, close_node
+from qblock.drivers.qcow2.snapshot_ops import bdrv_snapshot_delete
 from qblock.errors import InvalidArgument, QBlockError
 from qblock.jobs.backup import BackupJob
+from qblock.jobs.job import JobStatus, JobTxn
 from qblock.monitor.commands.backup import BLOCKDEV_BACKUP, create_backup
 from qblock.monitor.commands.bitmap import (
     NODE_AND_NAME,
@@ -23,6 +26,7 @@ from qblock.monitor.commands.bitmap import (
 )
 from qblock.monitor.commands.block import lookup_bs
 from qblock.monitor.commands.snapshot import blockdev_snapshot, blockdev_snapshot_sync
+from qblock.monitor.commands.snapshot_internal import create_internal
 from qblock.monitor.context import CommandContext
 from qblock.monitor.registry import COMMANDS, command
 from qblock.monitor.schema import Enum, ListOf, QapiType, Struct, opt, req
@@ -30,7 +34,7 @@ from qblock.monitor.schema import Enum, ListOf, QapiType, Struct, opt, req
 ACTION_TYPES = ["abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
                 "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
                 "block-dirty-bitmap-disable", "block-dirty-bitmap-merge", "blockdev-backup",
-                "blockdev-snapshot", "blockdev-snapshot-sync"]
+                "blockdev-snapshot", "blockdev-snapshot-internal-sync", "blockdev-snapshot-sync"]
 ACTION_KIND = Enum("TransactionActionKind", ACTION_TYPES)
 COMPLETION_MODE = Enum("ActionCompletionMode", ["individual", "grouped"])
 PROPERTIES = Struct("TransactionProperties", {"completion-mode": opt(COMPLETION_MODE)})
@@ -41,8 +45,8 @@ def _data_type(kind: str) -> Struct:
         return Struct("Abort", {})
     if kind == "blockdev-backup":
         return BLOCKDEV_BACKUP
-    if kind in ("block-dirty-bitmap-add", "block-dirty-bitmap-merge",
-                "blockdev-snapshot", "blockdev-snapshot-sync"):
+    if kind in ("block-dirty-bitmap-add", "block-dirty-bitmap-merge", "blockdev-snapshot",
+                "blockdev-snapshot-internal-sync", "blockdev-snapshot-sync"):
         return COMMANDS[kind].args
     return Struct("BlockDirtyBitmap", NODE_AND_NAME)
 
@@ -144,16 +148,24 @@ class BitmapChangeAction(Action):
 
 
 class BackupAction(Action):
-    """The job is created at prepare, started at commit, cancelled at abort."""
+    """The job is created at prepare, started at commit, cancelled at abort.  In a grouped
+    transaction it joins the transaction's JobTxn (blockdev.c do_backup_common)."""
+
+    def __init__(self, txn: JobTxn | None) -> None:
+        self.txn = txn
 
     async def prepare(self, ctx: CommandContext, data: dict[str, Any]) -> None:
         self.job: BackupJob = create_backup(ctx, data)
+        if self.txn is not None:
+            self.txn.add(self.job)
 
     async def commit(self) -> None:
         self.job.start()
 
     async def abort(self) -> None:
-        await self.job.cancel(True)
+        # in a grouped transaction the first job cancelled took the others down with it
+        if self.job.status is not JobStatus.NULL:
+            await self.job.cancel(True)
 
 
 class SnapshotAction(Action):
@@ -186,7 +198,22 @@ class SnapshotAction(Action):
                 await close_node(overlay)
 
 
-def _make_action(kind: str) -> Action:
+class InternalSnapshotAction(Action):
+    """internal_snapshot_action: the snapshot is taken at prepare, deleted again at abort."""
+
+    async def prepare(self, ctx: CommandContext, data: dict[str, Any]) -> None:
+        self.device = data["device"]
+        self.node, self.sn = await create_internal(self.device, data["name"])
+
+    async def abort(self) -> None:
+        try:
+            await bdrv_snapshot_delete(self.node, self.sn.id_str, self.sn.name)
+        except QBlockError as e:
+            print(f"Failed to delete snapshot with id '{self.sn.id_str}' and name "
+                  f"'{self.sn.name}' on device '{self.device}' in abort: {e}", file=sys.stderr)
+
+
+def _make_action(kind: str, txn: JobTxn | None) -> Action:
     if kind == "abort":
         return AbortAction()
     if kind == "block-dirty-bitmap-add":
@@ -196,25 +223,30 @@ def _make_action(kind: str) -> Action:
     if kind.startswith("block-dirty-bitmap-"):
         return BitmapChangeAction(kind.removeprefix("block-dirty-bitmap-"))
     if kind == "blockdev-backup":
-        return BackupAction()
+        return BackupAction(txn)
+    if kind == "blockdev-snapshot-internal-sync":
+        return InternalSnapshotAction()
     return SnapshotAction(kind == "blockdev-snapshot-sync")
 
 
 @command("transaction", {"actions": req(ListOf(TransactionAction())),
                          "properties": opt(PROPERTIES)})
 async def transaction(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
-    """Prepare every action; abort the prepared ones on the first failure, else commit all."""
+    """Prepare every action; abort the prepared ones on the first failure, else commit all.
+
+    With completion-mode=grouped the backup jobs share one JobTxn; the other actions but
+    ``abort`` refuse the mode (blockdev.c action_check_completion_mode()).
+    """
     mode = args.get("properties", {}).get("completion-mode", "individual")
+    txn = JobTxn() if mode == "grouped" else None
     prepared: list[Action] = []
     try:
         for entry in args["actions"]:
             kind = entry["type"]
-            if mode == "grouped" and kind != "blockdev-backup":
+            if mode == "grouped" and kind not in ("blockdev-backup", "abort"):
                 raise QBlockError(f"Action '{kind}' does not support Transaction property "
                                   f"completion-mode = grouped")
-            if mode == "grouped":
-                raise QBlockError("qblock does not support completion-mode 'grouped'")
-            action = _make_action(kind)
+            action = _make_action(kind, txn)
             await action.prepare(ctx, entry["data"])
             prepared.append(action)
     except QBlockError:
