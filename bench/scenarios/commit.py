@@ -7,11 +7,12 @@ commit copies the whole overlay into the base, and the overlay stays as it is (`
 every round does the same work.  Throughput counts the guest size.
 
 - ``commit-1g``: one whole process each.  QEMU: ``qemu-img commit -d OVERLAY`` (an active
-  commit inside qemu-img).  qblock has no ``qblock img commit``, so its side is a ``qblock
-  daemon`` process driven over QMP: blockdev-add the chain, block-commit on the overlay, wait
-  BLOCK_JOB_READY, job-complete, wait BLOCK_JOB_COMPLETED, quit; timed from spawning the daemon
-  to its exit.  Start-up is the same process doing everything but the commit (for QEMU,
-  ``qemu-img commit -d`` of an empty 1 MiB overlay on an empty base).
+  commit inside qemu-img).  qblock's side is the block-commit job of a ``qblock daemon``
+  process driven over QMP (``img-commit-1g`` in img_chain.py times ``qblock img commit``):
+  blockdev-add the chain, block-commit on the overlay, wait BLOCK_JOB_READY, job-complete,
+  wait BLOCK_JOB_COMPLETED, quit; timed from spawning the daemon to its exit.  Start-up is
+  the same process doing everything but the commit (for QEMU, ``qemu-img commit -d`` of an
+  empty 1 MiB overlay on an empty base).
 - ``active-commit-1g``: a running ``qblock daemon`` against a running qemu-storage-daemon, each
   with the chain opened (untimed); timed from sending block-commit on the active layer to the
   BLOCK_JOB_COMPLETED event (READY, then job-complete, in between).  No start-up to subtract.
@@ -19,24 +20,17 @@ every round does the same work.  Throughput counts the guest size.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from qemu.qmp import QMPClient
 
+from bench.daemon import TIMEOUT, with_daemon
 from bench.scenario import MIB, Context, Measurement, Scenario, register
-from bench.workload import timed, worker_env
-
-TIMEOUT = 600.0
-START_TIMEOUT = 30.0
-T = TypeVar("T")
+from bench.workload import timed
 
 
 def _qemu_img(*args: str) -> None:
@@ -64,59 +58,6 @@ def _setup(ctx: Context) -> None:
     _chain(files["base"], files["top"], ctx.size, True)
     _chain(files["ebase"], files["etop"], MIB, False)
     ctx.files.update(files)
-
-
-# -- daemons ----------------------------------------------------------------------------------
-def _daemon_argv(side: str, sock: Path) -> list[str]:
-    tool = ([sys.executable, "-m", "qblock.cli.main", "daemon"] if side == "qblock"
-            else ["qemu-storage-daemon"])
-    return [*tool, "--chardev", f"socket,path={sock},server=on,wait=off,id=m0",
-            "--monitor", "chardev=m0"]
-
-
-async def _with_daemon(side: str, script: Callable[[QMPClient], Awaitable[T]]) -> tuple[float, T]:
-    """Spawn a daemon, run ``script`` on its monitor, quit it.
-
-    Returns the wall time from spawn to exit and what ``script`` returned.
-    """
-    sockdir = Path(tempfile.mkdtemp(prefix="qblock-bench-"))
-    sock = sockdir / "qmp.sock"
-    start = time.perf_counter()
-    proc = subprocess.Popen(_daemon_argv(side, sock), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=worker_env() if side == "qblock" else None)
-    client = QMPClient("bench")
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{side} daemon did not start: "
-                                   f"{proc.stderr.read().decode() if proc.stderr else ''}")
-            await asyncio.sleep(0.005)
-        await client.connect(str(sock))
-        result = await script(client)
-        await client.execute("quit")
-        try:
-            await client.disconnect()
-        except EOFError:  # the daemon closed the monitor as it quit: what quit asks for
-            pass
-        proc.wait(timeout=TIMEOUT)
-        elapsed = time.perf_counter() - start
-        err = proc.stderr.read().decode().strip() if proc.stderr else ""
-        if proc.returncode != 0 or err:
-            raise RuntimeError(f"{side} daemon failed (exit {proc.returncode}): {err[:2000]}")
-        return elapsed, result
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 async def _open_chain(client: QMPClient, base: Path, top: Path) -> None:
@@ -165,7 +106,7 @@ def _commit_process(side: str, ctx: Context, base_key: str, top_key: str, work: 
         if work:
             await _active_commit(client)
 
-    return asyncio.run(_with_daemon("qblock", script))[0]
+    return asyncio.run(with_daemon("qblock", script))[0]
 
 
 def _commit_scenario() -> Scenario:
@@ -191,7 +132,7 @@ def _active_commit_run(side: str, ctx: Context) -> Measurement:
         await _open_chain(client, ctx.files["base"], ctx.files["top"])
         return await _active_commit(client)
 
-    seconds = asyncio.run(_with_daemon(side, script))[1]
+    seconds = asyncio.run(with_daemon(side, script))[1]
     return Measurement(seconds, ctx.size, detail={"bytes": ctx.size})
 
 

@@ -64,6 +64,21 @@ def test_one_round_of_every_scenario(tmp_path: Path) -> None:
         if res["unit"] == "MiB/s" and "bytes" in detail:  # the qblock worker reports its bytes
             assert detail["bytes"] == res["qblock"]["rounds"][0]["amount"] == SIZE
     assert not any(work.iterdir()), "teardown left files behind"
+    if "bitmap-4t" in scenarios:
+        _check_bitmap_round(scenarios["bitmap-4t"], proc.stderr)
+
+
+def _check_bitmap_round(res: dict, log: str) -> None:
+    """Both daemons ran every step and their bitmaps hash alike; the step table was printed."""
+    q, e = (res[side]["rounds"][0]["detail"] for side in ("qblock", "qemu"))
+    steps = {"add", "mark", "merge", "sha256", "store"}
+    assert set(q["steps"]) == set(e["steps"]) == steps
+    assert q["sha256"] == e["sha256"]
+    assert q["nbd_writes"] == e["nbd_writes"] == 1000 and q["disk_size"] == 4096 * SIZE
+    assert res["qblock"]["rounds"][0]["seconds"] == pytest.approx(
+        sum(q["steps"][s] for s in steps - {"mark"}))
+    assert set(q["in_process"]) == {"add", "mark batched", "mark one by one", "merge", "sha256"}
+    assert "bitmap-4t: 32 GiB disk" in log and "(qblock only)" in log
 
 
 @pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
