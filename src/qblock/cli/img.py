@@ -18,8 +18,10 @@ from qblock.block.backend import BlockBackend
 from qblock.block.node import close_node
 from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, Perm
-from qblock.cli import imgbitmap, imgconvert, imgcreate, imgfmt
+from qblock.cli import imgamend, imgbitmap, imgconvert, imgcreate, imgfmt, imgmeasure, imgresize
+from qblock.cli import imgbench, imgdd
 from qblock.cli.imginfo import image_info, path_combine, read_header
+from qblock.cli.imgprogress import Progress
 from qblock.drivers.base import Status
 from qblock.errors import NotSupported, QBlockError
 from qblock.qobject import to_json
@@ -303,8 +305,8 @@ def _image_check(filename: str, fmt: str, res: Any) -> dict[str, Any]:
 async def cmd_check(argv: list[str]) -> int:
     from qblock.drivers.qcow2.check import FIX_ERRORS, FIX_LEAKS, check_image
 
-    opts, args = _getopt(argv, "f:hr:qU", ["output=", "repair=", "force-share", "help"])
-    fmt, output, fix, quiet, share = None, "human", 0, False, False
+    opts, args = _getopt(argv, "f:hpr:qU", ["output=", "repair=", "force-share", "help"])
+    fmt, output, fix, quiet, share, progress = None, "human", 0, False, False, False
     for o, v in opts:
         if o == "-f":
             fmt = v
@@ -320,6 +322,8 @@ async def cmd_check(argv: list[str]) -> int:
                                  f"{v}")
         elif o == "-q":
             quiet = True
+        elif o == "-p":  # a qblock extension: qemu-img check has no progress
+            progress = True
         elif o in ("-U", "--force-share"):
             share = True
     if len(args) != 1:
@@ -340,7 +344,10 @@ async def cmd_check(argv: list[str]) -> int:
         except QBlockError as e:
             error(f"Could not open '{filename}': {e}")
             return 1
-        res = await check_image(target, fix)
+        bar = Progress(Progress.wanted(progress, quiet))
+        bar.start()
+        res = await check_image(target, fix, progress=bar.fraction)
+        bar.end()
         if res.ret < 0:
             error(f"Check failed: {os.strerror(-res.ret)}")
             return 1
@@ -596,9 +603,33 @@ async def _compare(disk1: api.AsyncDisk, disk2: api.AsyncDisk, strict: bool, qui
     return 0
 
 
+async def _commit(argv: list[str]) -> int:
+    """qemu-img commit (imgcommit imports this module, so it is loaded on use)."""
+    from qblock.cli.imgcommit import cmd_commit
+
+    return await cmd_commit(argv)
+
+
+async def _rebase(argv: list[str]) -> int:
+    """qemu-img rebase (loaded on use, like commit)."""
+    from qblock.cli.imgrebase import cmd_rebase
+
+    return await cmd_rebase(argv)
+
+
+async def _snapshot(argv: list[str]) -> int:
+    """qemu-img snapshot (loaded on use, like commit)."""
+    from qblock.cli.imgsnapshot import main as cmd_snapshot
+
+    return await cmd_snapshot(argv)
+
+
 COMMANDS = {"create": cmd_create, "info": cmd_info, "map": cmd_map, "check": cmd_check,
             "compare": cmd_compare, "bitmap": imgbitmap.main,
-            "convert": imgconvert.cmd_convert}
+            "convert": imgconvert.cmd_convert, "commit": _commit, "rebase": _rebase,
+            "snapshot": _snapshot, "resize": imgresize.cmd_resize,
+            "amend": imgamend.cmd_amend, "measure": imgmeasure.cmd_measure,
+            "dd": imgdd.cmd_dd, "bench": imgbench.cmd_bench}
 
 
 def main(argv: list[str]) -> int:

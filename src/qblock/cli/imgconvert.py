@@ -3,7 +3,9 @@
 Sources are concatenated; each range is classified by block status as data, zeroes or (with
 ``-B``) left to the target's backing file.  Data is read in chunks of up to 2 MiB by ``-m``
 workers at once; writes stay in order unless ``-W``.  Zero runs of at least ``-S`` bytes inside
-data are not written when the new target reads as zeroes already.
+data are not written when the new target reads as zeroes already.  With ``-c`` the chunks are
+whole clusters, which the qcow2 driver compresses in parallel.  The target's cache mode is
+``-t``, ``unsafe`` unless given (qemu-img's default for convert: flushes are no-ops).
 """
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ SECTOR = 512
 IO_BUF_SECTORS = 2 * 1024 * 1024 // SECTOR  # qemu-img.c IO_BUF_SIZE
 MAX_BUF_SECTORS = 32768
 MAX_COROUTINES = 16
-# bdrv_parse_cache_mode(): accepted for -t/-T; the copy flushes the target once, at the end
-CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
+# block.c bdrv_parse_cache_mode(): mode -> (cache.direct, writethrough, cache.no-flush)
+CACHE_MODES = {"off": (True, False, False), "none": (True, False, False),
+               "directsync": (True, True, False), "writeback": (False, False, False),
+               "unsafe": (False, False, True), "writethrough": (False, True, False)}
 
 
 class Kind(enum.Enum):
@@ -56,6 +60,7 @@ class Converter:
     compressed: bool = False
     target_has_backing: bool = False
     has_zero_init: bool = False
+    writethrough: bool = False  # -t writethrough/directsync: every data write is FUA
     cluster_sectors: int = 0
     alignment: int = 1
     progress: bool = False
@@ -71,7 +76,7 @@ class Converter:
         self._cursor = 0
         self._wr_offs = 0
         self._lock = asyncio.Lock()
-        self._turn = asyncio.Condition()
+        self._waiters: dict[int, asyncio.Future[None]] = {}
         self._error: str | None = None
         self._allocated = self._done = 0
         self._progress = Progress(self.progress)
@@ -122,9 +127,9 @@ class Converter:
                 n -= n % self.cluster_sectors
         return n
 
-    async def _read(self, sector: int, n: int) -> bytearray:
-        """convert_co_read(): across sources; a partial last sector reads as zeroes."""
-        buf = bytearray(n * SECTOR)
+    async def _read(self, sector: int, n: int, buf: memoryview) -> None:
+        """convert_co_read() into ``buf``: across sources; a partial last sector reads as
+        zeroes."""
         pos = 0
         while pos < n:
             idx, start = self._select(sector + pos)
@@ -132,14 +137,34 @@ class Converter:
             chunk = min(n - pos, self.src_sectors[idx] - (sector + pos - start))
             offset = (sector + pos - start) * SECTOR
             length = min(chunk * SECTOR, src.size - offset)
-            await src.readinto(offset, memoryview(buf)[pos * SECTOR:pos * SECTOR + length])
+            await src.blk.preadv(offset, buf[pos * SECTOR:pos * SECTOR + length])
+            if length < chunk * SECTOR:
+                buf[pos * SECTOR + length:(pos + chunk) * SECTOR] = bytes(chunk * SECTOR - length)
             pos += chunk
-        return buf
 
-    def _runs(self, buf: bytearray, sector: int, n: int) -> list[tuple[bool, int]]:
+    @staticmethod
+    def _nonzero_sectors(buf: memoryview, n: int) -> np.ndarray:
+        """Per sector, whether it holds a non-zero byte (buffer_is_zero() of each sector).
+
+        Like buffer_is_zero(), a sector is settled by its first non-zero word: data sectors
+        almost always have one at the start, so only the others are scanned in full.
+        """
+        words = np.frombuffer(buf, dtype=np.uint64, count=n * (SECTOR // 8)).reshape(n, -1)
+        nonzero = words[:, 0] != 0
+        if nonzero.all():
+            return nonzero
+        todo = np.flatnonzero(~nonzero)
+        if len(todo) * 8 > n:
+            return np.bitwise_or.reduce(words, axis=1) != 0
+        nonzero[todo] = np.bitwise_or.reduce(words[todo], axis=1) != 0
+        return nonzero
+
+    def _runs(self, buf: memoryview, sector: int, n: int) -> list[tuple[bool, int]]:
         """is_allocated_sectors_min() applied until the chunk is used up: (is_data, sectors)."""
-        nonzero = np.frombuffer(buf, dtype=np.uint8)[:n * SECTOR].reshape(n, SECTOR).any(axis=1)
+        nonzero = self._nonzero_sectors(buf, n)
         changes = np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1
+        if not len(changes):
+            return [(bool(nonzero[0]), n)]
 
         def allocated(pos: int, end: int) -> tuple[bool, int]:
             """is_allocated_sectors(): the run at ``pos``, its end aligned to the target."""
@@ -178,25 +203,41 @@ class Converter:
             pos += num
         return out
 
-    async def _write(self, sector: int, n: int, kind: Kind, buf: bytearray | None) -> None:
-        """convert_co_write()."""
+    def _data_runs(self, buf: memoryview, sector: int, n: int) -> list[tuple[bool, int]]:
+        """What convert_co_write() writes of a data chunk: (is_data, sectors) pieces."""
+        if not self.min_sparse:
+            return [(True, n)]
+        if self.compressed:
+            return self._cluster_runs(buf, n)
+        return self._runs(buf, sector, n)
+
+    def _cluster_runs(self, buf: memoryview, n: int) -> list[tuple[bool, int]]:
+        """Compressed: a cluster is written unless it is all zeroes (buffer_is_zero() of
+        the cluster); consecutive clusters to write go in one request."""
+        cl = self.cluster_sectors
+        clusters = -(-n // cl)
+        nonzero = np.zeros(clusters * cl, dtype=bool)
+        nonzero[:n] = self._nonzero_sectors(buf, n)
+        data = nonzero.reshape(clusters, cl).any(axis=1)
+        edges = np.flatnonzero(data[1:] != data[:-1]) + 1
+        bounds = [0, *(edges * cl).tolist(), n]
+        return [(bool(data[a // cl]), b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    async def _write(self, sector: int, n: int, kind: Kind, buf: memoryview | None,
+                     runs: list[tuple[bool, int]]) -> None:
+        """convert_co_write(); ``runs`` are the data chunk's pieces (see _data_runs())."""
         blk = self.target.blk
         if kind is Kind.BACKING_FILE:
             return
         if kind is Kind.DATA and buf is not None:
-            view = memoryview(buf)
-            if not self.min_sparse:
-                runs = [(True, n)]
-            elif self.compressed:
-                runs = [(bool(np.frombuffer(buf, dtype=np.uint8).any()), n)]
-            else:
-                runs = self._runs(buf, sector, n)
             flags = ReqFlags.WRITE_COMPRESSED if self.compressed else ReqFlags.NONE
+            if self.writethrough:
+                flags |= ReqFlags.FUA
             pos = 0
             for is_data, num in runs:
                 if is_data:
                     await blk.pwritev((sector + pos) * SECTOR,
-                                      view[pos * SECTOR:(pos + num) * SECTOR], flags)
+                                      buf[pos * SECTOR:(pos + num) * SECTOR], flags)
                 elif not self.has_zero_init:
                     await blk.pwrite_zeroes((sector + pos) * SECTOR, num * SECTOR,
                                             ReqFlags.MAY_UNMAP)
@@ -210,8 +251,33 @@ class Converter:
         """convert_co_do_copy()'s progress: the share of the allocated sectors copied."""
         self._progress.fraction(self._done, self._allocated)
 
+    def _fail(self, msg: str) -> None:
+        """Record the first error and release every worker waiting for its turn."""
+        if self._error is None:
+            self._error = msg
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    async def _wait_turn(self, sector: int) -> None:
+        """In-order writes: wait until every sector before ``sector`` is written."""
+        if self._wr_offs == sector or self._error is not None:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[sector] = fut
+        await fut
+
+    def _pass_turn(self, end: int) -> None:
+        """Written up to ``end``: wake the worker whose chunk starts there (wait_sector_num)."""
+        self._wr_offs = end
+        fut = self._waiters.pop(end, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
     async def _worker(self) -> None:
-        """convert_co_do_copy()."""
+        """convert_co_do_copy(), with one buffer per worker (qemu-img's blk_blockalign)."""
+        buf = memoryview(bytearray(self.buf_sectors * SECTOR))
         while True:
             async with self._lock:
                 if self._error is not None or self._cursor >= self.total_sectors:
@@ -220,7 +286,7 @@ class Converter:
                 try:
                     n = await self._iteration_sectors(sector)
                 except ConvertError as e:
-                    self._error = str(e)
+                    self._fail(str(e))
                     return
                 kind = self._status
                 if not self.min_sparse and kind is Kind.ZERO:
@@ -229,32 +295,36 @@ class Converter:
             if kind is Kind.DATA or (not self.min_sparse and kind is Kind.ZERO):
                 self._done += n
                 self._report()
-            buf = None
+            data = None
+            runs: list[tuple[bool, int]] = []
             if kind is Kind.DATA:
+                data = buf[:n * SECTOR]
                 try:
-                    buf = await self._read(sector, n)
+                    await self._read(sector, n, data)
                 except QBlockError as e:
-                    self._error = (f"error while reading at byte {sector * SECTOR}: "
-                                   f"{os.strerror(e.errno)}")
+                    self._fail(f"error while reading at byte {sector * SECTOR}: "
+                               f"{os.strerror(e.errno)}")
+                else:
+                    # the zero scan depends on the data alone: done before waiting for the turn
+                    runs = self._data_runs(data, sector, n)
             if self.in_order:
-                async with self._turn:
-                    await self._turn.wait_for(
-                        lambda: self._wr_offs == sector or self._error is not None)
+                await self._wait_turn(sector)
             if self._error is None:
                 try:
-                    await self._write(sector, n, kind, buf)
+                    await self._write(sector, n, kind, data, runs)
                 except QBlockError as e:
-                    self._error = (f"error while writing at byte {sector * SECTOR}: "
-                                   f"{os.strerror(e.errno)}")
+                    self._fail(f"error while writing at byte {sector * SECTOR}: "
+                               f"{os.strerror(e.errno)}")
             if self.in_order:
-                async with self._turn:
-                    self._wr_offs = sector + n
-                    self._turn.notify_all()
+                self._pass_turn(sector + n)
 
     async def run(self) -> None:
         """convert_do_copy(): size the work (for progress only), then run the workers."""
         if self.compressed:
-            self.buf_sectors = self.cluster_sectors
+            # qemu-img copies one cluster at a time; whole clusters of a 2 MiB buffer give
+            # the driver several to compress in parallel, stored in the same order
+            self.buf_sectors = max(self.cluster_sectors,
+                                   IO_BUF_SECTORS - IO_BUF_SECTORS % self.cluster_sectors)
         sector = 0
         while self.progress and sector < self.total_sectors:
             n = await self._iteration_sectors(sector)
@@ -284,6 +354,8 @@ class Options:
     progress: bool = False
     quiet: bool = False
     skip_create: bool = False
+    cache: str = "unsafe"  # qemu-img convert's default for the target
+    src_cache: str = "writeback"
     num_workers: int = 8
     in_order: bool = True
     share: bool = False
@@ -335,6 +407,10 @@ def parse(argv: list[str]) -> Options | None:
         elif opt in ("-t", "-T") and val not in CACHE_MODES:
             _error(f"Invalid {'source ' if opt == '-T' else ''}cache option: {val}")
             return None
+        elif opt == "-t":
+            o.cache = val
+        elif opt == "-T":
+            o.src_cache = val
         elif opt == "-p":
             o.progress = True
         elif opt == "-q":
@@ -372,13 +448,18 @@ def parse(argv: list[str]) -> Options | None:
     return o
 
 
-async def _open(filename: str, fmt: str | None, *, read_only: bool,
+async def _open(filename: str, fmt: str | None, *, read_only: bool, cache: str,
                 share: bool = False) -> api.AsyncDisk:
+    """Open a source or the target with a -T/-t cache mode (unsafe: flushes are no-ops)."""
     try:
         fmt = fmt or api.probe_format(filename)
         if fmt not in ("raw", "qcow2"):
             raise ConvertError(f"Unknown file format '{fmt}'")
-        return await api.open_async(filename, driver=fmt, read_only=read_only, share=share)
+        direct, _, no_flush = CACHE_MODES[cache]
+        options = api.image_options(filename, driver=fmt, cache_direct=direct)
+        if no_flush:
+            options["cache"] = {**options.get("cache", {}), "no-flush": True}
+        return await api.open_async(options, read_only=read_only, share=share)
     except OSError as e:
         raise ConvertError(f"Could not open '{filename}': Could not open '{filename}': "
                            f"{os.strerror(e.errno or 0)}") from None
@@ -442,7 +523,8 @@ async def _convert(o: Options) -> None:
     target: api.AsyncDisk | None = None
     try:
         for name in src_names:
-            sources.append(await _open(name, o.fmt, read_only=True, share=o.share))
+            sources.append(await _open(name, o.fmt, read_only=True, cache=o.src_cache,
+                                       share=o.share))
         total = sum(-(-s.size // SECTOR) for s in sources) * SECTOR
         backing = o.backing or o.create_opts.get("backing_file")
         if backing is not None and len(sources) > 1:
@@ -450,7 +532,7 @@ async def _convert(o: Options) -> None:
                                "concatenating multiple input images")
         if not o.skip_create:
             await _create(o, out_name, total)
-        target = await _open(out_name, o.out_fmt, read_only=False)
+        target = await _open(out_name, o.out_fmt, read_only=False, cache=o.cache)
         if o.skip_create and target.size < total:
             raise ConvertError("output file is smaller than input file")
         is_qcow2 = target.node.drv.format_name == "qcow2"
@@ -459,7 +541,7 @@ async def _convert(o: Options) -> None:
         conv = Converter(sources, target, min_sparse=o.min_sparse,
                          num_workers=o.num_workers, in_order=o.in_order,
                          compressed=o.compressed, target_has_backing=backing is not None,
-                         progress=o.progress)
+                         writethrough=CACHE_MODES[o.cache][1], progress=o.progress)
         conv.has_zero_init = o.target_is_zero or (
             not o.skip_create and bool(o.min_sparse) and backing is None)
         conv.cluster_sectors = (target.node.drv.header.cluster_size // SECTOR if is_qcow2
@@ -472,7 +554,7 @@ async def _convert(o: Options) -> None:
         if target is not None:
             await target.close()
         for src in sources:
-            await src.close()
+            await src.blk.close()  # read-only: no flush (bdrv_co_flush skips read-only nodes)
 
 
 async def cmd_convert(argv: list[str]) -> int:

@@ -44,8 +44,42 @@ def thread_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def _settle(fut: asyncio.Future[Any], exc: BaseException | None, result: Any) -> None:
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
 async def run_in_pool(fn: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
+    """Run ``fn(*args)`` on the pool; its result or exception comes back to the caller.
+
+    Lighter than loop.run_in_executor() (no concurrent future chained to an asyncio one): the
+    worker hands the outcome straight to the loop, one call_soon_threadsafe() per request.
+    """
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def job() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the waiting coroutine
+            outcome: tuple[BaseException | None, Any] = (e, None)
+        else:
+            outcome = (None, result)
+        try:
+            loop.call_soon_threadsafe(_settle, fut, *outcome)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits for the outcome
+            pass
+
+    work = _pool.submit(job)
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        work.cancel()  # not started yet: it never runs
+        raise
 
 
 def _os_error(e: OSError, what: str) -> QBlockError:
@@ -292,8 +326,9 @@ class FileDriver(BlockDriver):
             if length > self.size:
                 raise NotSupported("Cannot grow device files")
             return
-        if prealloc not in ("off", "falloc", "full", "metadata"):
-            raise InvalidArgument(f"Unsupported preallocation mode '{prealloc}'")
+        if prealloc not in ("off", "falloc", "full"):
+            # file-posix.c handle_aiocb_truncate(): metadata preallocation is a format's job.
+            raise NotSupported(f"Unsupported preallocation mode: {prealloc}")
         old = self.size
         if not exact and length <= old:
             return

@@ -40,6 +40,8 @@ def c_hex(n: int) -> str:
 
 _U64 = np.uint64
 _OFFSET_MASK = _U64(L2E_OFFSET_MASK)
+# the bits of a standard L2 entry that decide its type and host offset (not COPIED)
+_RUN_MASK = _U64(L2E_OFFSET_MASK | OFLAG_COMPRESSED | OFLAG_ZERO)
 
 
 @dataclasses.dataclass(slots=True)
@@ -95,6 +97,8 @@ class ClusterMap:
 
     def setup_slices(self, slice_bytes: int) -> None:
         self.slice_entries = slice_bytes // self.entry_size
+        # host offset steps of contiguous clusters, for comparing a slice's entries at once
+        self._steps = np.arange(self.slice_entries, dtype=_U64) * _U64(self.cs)
 
     def decode_l2(self, raw: bytes) -> np.ndarray:
         table = np.frombuffer(raw, dtype=">u8").astype(_U64)
@@ -282,11 +286,18 @@ class ClusterMap:
         if not self.extended:
             first = int(entries[0])
             off = first & L2E_OFFSET_MASK
-            if off and not first & (OFLAG_COMPRESSED | OFLAG_ZERO) and off % cs == 0:
-                # Fast path: one contiguous run of plain data clusters with the same flags.
-                expect = _U64(first) + np.arange(len(entries), dtype=_U64) * _U64(cs)
-                if (entries == expect).all():
-                    return [Run(DATA, offset, length, off + offset % cs)]
+            if not first & OFLAG_COMPRESSED and off % cs == 0:
+                # Fast path: the run of the first cluster, found with one table comparison.
+                # Clusters continue it while they have its type and (with a host cluster)
+                # the next host cluster, like count_contiguous_subclusters().
+                expect = _U64(first & int(_RUN_MASK))
+                if off:
+                    expect = expect + self._steps[:len(entries)]
+                same = (entries & _RUN_MASK) == expect
+                n = len(entries) if same.all() else int(same.argmin())
+                if n == len(entries) or first_only:
+                    run_len = length if n == len(entries) else (gc + n) * cs - offset
+                    return [self._lookup_one(first, offset, run_len, slc, idx)]
         kind, host = self.classify(entries, slc.offset, idx + self._slice_index_base(slc))
         unit = self.unit
         u0 = offset // unit - gc * self.upc
@@ -373,7 +384,7 @@ class ClusterMap:
         last = (offset + length - 1) // cs
         entries = slc.table[idx:idx + last - gc + 1]
         e = entries[:, 0] if self.extended else entries
-        if not ((e & _U64(OFLAG_COPIED)) != 0).all():
+        if not int(e[0]) & OFLAG_COPIED or not ((e & _U64(OFLAG_COPIED)) != 0).all():
             return None
         runs = await self.lookup(offset, length)
         if any(r.kind != DATA for r in runs):
@@ -432,6 +443,9 @@ class ClusterMap:
         length = min(len(data), (self.slice_entries - idx) * cs - offset % cs)
         end = offset + length
         n = (end - 1) // cs - gc + 1
+        if (not self.extended and offset % cs == 0 and end % cs == 0
+                and not slc.table[idx:idx + n].any()):
+            return await self._allocate_whole(slc, idx, n, data[:length], write_host)
         entries = slc.table[idx:idx + n].copy()
         kind, _ = self.classify(entries, slc.offset, idx + self._slice_index_base(slc))
         kind = kind.reshape(n, self.upc)
@@ -498,6 +512,20 @@ class ClusterMap:
             await self._release(e0[need], "never")
         return length
 
+    async def _allocate_whole(self, slc: Slice, idx: int, n: int, data: memoryview,
+                              write_host) -> int:
+        """allocating_write() of whole clusters that are all unallocated (entries 0): one
+        contiguous allocation, one data write, the L2 entries set at once.  Nothing to copy
+        on write and no old cluster to release."""
+        drv = self.drv
+        await drv.before_allocation()
+        base = await drv.refcounts.alloc_clusters(n)
+        await write_host(base, data)
+        await drv.l2_depends_on_refcounts()
+        slc.table[idx:idx + n] = self._steps[:n] + _U64(base | OFLAG_COPIED)
+        drv.l2_cache.mark_dirty(slc.offset, slc.table)
+        return len(data)
+
     async def preallocate(self, offset: int, end: int) -> tuple[int, int]:
         """Allocate host clusters for the unallocated clusters of one slice, without data
         (qcow2.c preallocate_co() with metadata preallocation).
@@ -555,24 +583,41 @@ class ClusterMap:
             elif e & L2E_OFFSET_MASK:
                 await refs.free(e & L2E_OFFSET_MASK, self.cs, discard)
 
-    async def write_compressed_entry(self, offset: int, compressed: bytes, write_host) -> None:
-        """qcow2_alloc_compressed_cluster_offset() + the data write for one cluster."""
-        slc = await self.get_writable_slice(offset // self.cs)
-        i = (offset // self.cs) % self.slice_entries
-        e = int(slc.table[i, 0] if self.extended else slc.table[i])
-        if e & L2E_OFFSET_MASK:
-            raise QBlockError("Compression can't overwrite anything", errno=errno.EIO)
-        await self.drv.before_allocation()
-        coffset = await self.drv.refcounts.alloc_bytes(len(compressed))
-        await write_host(coffset, memoryview(compressed))
+    async def write_compressed_entries(self, offset: int, packed: list[bytes],
+                                       write_host) -> None:
+        """qcow2_alloc_compressed_cluster_offset() and the data writes for the consecutive
+        clusters from ``offset``, one compressed buffer each.
+
+        Space is allocated cluster by cluster in guest order, as QEMU does one request at a
+        time; the data then goes out in one write per contiguous host range, and only after
+        it the L2 entries point at it.
+        """
+        cs = self.cs
+        places = []
+        hosts = []
+        for i, compressed in enumerate(packed):
+            slc = await self.get_writable_slice(offset // cs + i)
+            idx = (offset // cs + i) % self.slice_entries
+            e = int(slc.table[idx, 0] if self.extended else slc.table[idx])
+            if e & L2E_OFFSET_MASK:
+                raise QBlockError("Compression can't overwrite anything", errno=errno.EIO)
+            await self.drv.before_allocation()
+            hosts.append(await self.drv.refcounts.alloc_bytes(len(compressed)))
+            places.append((slc, idx))
+        first = 0
+        for i in range(1, len(packed) + 1):
+            if i == len(packed) or hosts[i] != hosts[i - 1] + len(packed[i - 1]):
+                await write_host(hosts[first], memoryview(b"".join(packed[first:i])))
+                first = i
         await self.drv.l2_depends_on_refcounts()
-        entry = _U64(self.compressed_entry(coffset, len(compressed)))
-        if self.extended:
-            slc.table[i, 0] = entry
-            slc.table[i, 1] = 0
-        else:
-            slc.table[i] = entry
-        self.drv.l2_cache.mark_dirty(slc.offset, slc.table)
+        for (slc, idx), host, compressed in zip(places, hosts, packed):
+            entry = _U64(self.compressed_entry(host, len(compressed)))
+            if self.extended:
+                slc.table[idx, 0] = entry
+                slc.table[idx, 1] = 0
+            else:
+                slc.table[idx] = entry
+            self.drv.l2_cache.mark_dirty(slc.offset, slc.table)
 
     # -- zeroes and discard ------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from qblock.block.open import open_child
 from qblock.block.perm import ROLE_IMAGE, Role
 from qblock.block.probe import probe_format
 from qblock.drivers.base import BlockDriver, BlockStatus, ReqFlags, Status
+from qblock.drivers.file import run_in_pool
 from qblock.drivers.options import pop_bool, pop_int, to_bool
 from qblock.drivers.qcow2 import header as hdr
 from qblock.drivers.qcow2 import bitmap as qbitmap
@@ -29,8 +30,9 @@ from qblock.drivers.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, Qcow2Cache,
 from qblock.drivers.qcow2.cluster import COMPRESSED, DATA, L1E_OFFSET_MASK, UNALLOC, ZERO, \
     ClusterMap, Run
 from qblock.drivers.qcow2.compress import compress_cluster, decompress_cluster
-from qblock.drivers.qcow2.refcount import REFT_OFFSET_MASK, Refcounts
+from qblock.drivers.qcow2.refcount import REFT_OFFSET_MASK, Refcounts, refblock_codec
 from qblock.drivers.qcow2.snapshot import SnapshotInfo, read_snapshots
+from qblock.drivers.qcow2 import snapshot_ops
 from qblock.errors import ImageCorrupt, InvalidArgument, NotSupported, QBlockError
 
 # qcow2.h QCow2MetadataOverlap, in QEMU's check order, with the names of its messages.
@@ -72,6 +74,10 @@ def _hits_sorted(offsets: np.ndarray, start: int, end: int, cs: int) -> bool:
     """Whether a cluster starting at one of ``offsets`` overlaps [start, end)."""
     i = int(np.searchsorted(offsets, end))
     return i > 0 and int(offsets[i - 1]) + cs > start
+
+
+# how many clusters of one compressed write are compressed at the same time
+COMPRESS_WINDOW = 32
 
 
 class Qcow2Driver(BlockDriver):
@@ -267,6 +273,63 @@ class Qcow2Driver(BlockDriver):
                           for name, (_, code) in _FIELD_OFFSETS.items())
         await io.pwritev(self.file, start, packed[start:end])
         await io.flush(self.file.node)
+
+    async def change_backing_file(self, filename: str | None, fmt: str | None) -> None:
+        """qcow2_change_backing_file(): new backing name and format, one header write."""
+        if filename and len(filename.encode("utf-8", "surrogateescape")) > 1023:
+            raise InvalidArgument("Invalid argument")
+        h = self.header
+        old = h.backing_file, h.backing_format
+        h.backing_file, h.backing_format = filename or None, (fmt or None) if filename else None
+        try:
+            await self.update_header()  # the whole header cluster in one write
+        except QBlockError:
+            h.backing_file, h.backing_format = old
+            raise
+
+    async def make_empty(self) -> None:
+        """qcow2_make_empty(): every guest cluster unallocated (qemu-img commit's last step)."""
+        self._check_writable()
+        h = self.header
+        cs = h.cluster_size
+        l1_clusters = -(-len(self.map.l1) * 8 // cs)
+        if (h.version >= 3 and not self.snapshots and h.bitmaps is None
+                and 3 + l1_clusters <= h.refcount_block_entries):
+            async with self.lock:
+                await self._make_completely_empty(l1_clusters)
+            return
+        # qcow2.c: the slow fallback discards every cluster (QCOW2_DISCARD_SNAPSHOT, full)
+        step = (0x7FFFFFFF // cs) * cs
+        for offset in range(0, h.size, step):
+            await self._pdiscard(offset, min(step, h.size - offset), full=True)
+
+    async def _make_completely_empty(self, l1_clusters: int) -> None:
+        """qcow2.c make_completely_empty(): header, reftable, one refblock, a zero L1.
+
+        The dirty bit is set first (qcow2.txt: refcounts may then be wrong), so a crash in
+        between leaves an image that the next writable open repairs.
+        """
+        h = self.header
+        cs = h.cluster_size
+        await self.update_header_fields(
+            incompatible_features=h.incompatible_features | hdr.INCOMPAT_DIRTY)
+        await io.pwrite_zeroes(self.file, self.map.l1_offset, l1_clusters * cs)
+        self.drop_caches()
+        reftable = struct.pack(">Q", 2 * cs) + bytes(cs - 8)
+        counts = np.zeros(h.refcount_block_entries, dtype=np.uint64)
+        counts[:3 + l1_clusters] = 1
+        refblock = refblock_codec(h.refcount_bits)[1](counts)
+        await io.pwritev(self.file, cs, reftable + refblock + bytes(l1_clusters * cs))
+        await io.flush(self.file.node)
+        await self.update_header_fields(l1_table_offset=3 * cs, refcount_table_offset=cs,
+                                        refcount_table_clusters=1)
+        await self.reload_metadata()
+        self.metadata_preallocation = None
+        await self.flush_caches()
+        self.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY
+        await self.update_header()
+        await io.flush(self.file.node)
+        await io.truncate(self.file, (3 + l1_clusters) * cs)
 
     async def before_allocation(self) -> None:
         """With lazy refcounts, set the dirty bit before the first allocation (qcow2.txt)."""
@@ -477,7 +540,8 @@ class Qcow2Driver(BlockDriver):
             return self._zcache[1]
         coffset, csize = self.map.compressed_extent(entry)
         raw = await io.pread(self.file, coffset, csize)
-        data = decompress_cluster(raw, self.header.cluster_size, self.header.compression_type)
+        data = await run_in_pool(decompress_cluster, raw, self.header.cluster_size,
+                                 self.header.compression_type)
         self._zcache = (entry, data)
         return data
 
@@ -528,25 +592,41 @@ class Qcow2Driver(BlockDriver):
             await io.flush(self.file.node)
 
     async def _write_compressed(self, offset: int, data: memoryview) -> None:
-        """qcow2_co_pwritev_compressed(): whole clusters, each compressed if it shrinks."""
+        """qcow2_co_pwritev_compressed_part(): whole clusters, each compressed if it shrinks.
+
+        Like QEMU's task pool, the clusters of a request are compressed in parallel on the
+        thread pool (qcow2-threads.c), off the event loop; they are stored in guest order.
+        """
         cs = self.header.cluster_size
         if offset % cs:
             raise InvalidArgument("Compressed writes must be cluster aligned", errno=errno.EINVAL)
-        pos = 0
-        while pos < len(data):
-            chunk = data[pos:pos + cs]
-            if len(chunk) < cs:
-                if offset + pos + len(chunk) != self.header.size:
-                    raise InvalidArgument("Compressed writes must be whole clusters",
-                                          errno=errno.EINVAL)
-                chunk = memoryview(bytes(chunk) + bytes(cs - len(chunk)))
-            packed = compress_cluster(chunk, self.header.compression_type)
-            if packed is None:
-                await self._pwritev(offset + pos, data[pos:pos + cs], ReqFlags.NONE)
-            else:
+        if len(data) % cs and offset + len(data) != self.header.size:
+            raise InvalidArgument("Compressed writes must be whole clusters", errno=errno.EINVAL)
+        ctype = self.header.compression_type
+        window = COMPRESS_WINDOW * cs
+        for start in range(0, len(data), window):
+            chunks = []
+            for pos in range(start, min(start + window, len(data)), cs):
+                chunk = data[pos:pos + cs]
+                if len(chunk) < cs:
+                    chunk = memoryview(bytes(chunk) + bytes(cs - len(chunk)))
+                chunks.append(chunk)
+            packed = await asyncio.gather(*(run_in_pool(compress_cluster, chunk, ctype)
+                                            for chunk in chunks))
+            i = 0
+            while i < len(packed):  # clusters that do not shrink are stored as they are
+                pos = start + i * cs
+                if packed[i] is None:
+                    await self._pwritev(offset + pos, data[pos:pos + cs], ReqFlags.NONE)
+                    i += 1
+                    continue
+                j = i + 1
+                while j < len(packed) and packed[j] is not None:
+                    j += 1
                 async with self.lock:
-                    await self.map.write_compressed_entry(offset + pos, packed, self._write_host)
-            pos += cs
+                    await self.map.write_compressed_entries(offset + pos, packed[i:j],
+                                                            self._write_host)
+                i = j
 
     async def co_pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
         await self._guard(self._pwrite_zeroes(offset, length, flags))
@@ -666,6 +746,23 @@ class Qcow2Driver(BlockDriver):
     async def remove_persistent_dirty_bitmap(self, name: str) -> None:
         await qbitmap.remove_persistent(self, name)
 
+    # -- internal snapshots (qcow2-snapshot.c; the work is in snapshot_ops.py) ----------------
+
+    async def snapshot_create(self, name: str, date_sec: int, date_nsec: int,
+                              vm_clock_nsec: int, icount: int) -> SnapshotInfo:
+        self._check_writable()
+        return await snapshot_ops.quiesced(self, snapshot_ops.create(
+            self, name, date_sec, date_nsec, vm_clock_nsec, icount))
+
+    async def snapshot_goto(self, id_or_name: str) -> None:
+        self._check_writable()
+        await snapshot_ops.goto_with_size(self, id_or_name)
+        self.metadata_preallocation = None
+
+    async def snapshot_delete(self, id_str: str | None, name: str | None) -> SnapshotInfo:
+        self._check_writable()
+        return await snapshot_ops.quiesced(self, snapshot_ops.delete(self, id_str, name))
+
     async def _clean_caches_if_due(self) -> None:
         """cache-clean-interval: drop cache entries unused for that long (checked lazily on
         requests instead of by a timer)."""
@@ -729,8 +826,9 @@ class Qcow2Driver(BlockDriver):
         self._check_writable()
         if length % 512:
             raise InvalidArgument("The new size must be a multiple of 512")
-        if h.nb_snapshots:
-            raise NotSupported("Can't resize an image which has snapshots")
+        if h.nb_snapshots and h.version < 3:
+            # v3 snapshots record their own disk size; v2 ones do not (qcow2_co_truncate).
+            raise NotSupported("Can't resize a v2 image which has snapshots")
         if prealloc not in ("off", "metadata", "falloc", "full"):
             raise InvalidArgument(f"Unsupported preallocation mode '{prealloc}'")
         if prealloc != "off" and length < h.size:
@@ -742,8 +840,14 @@ class Qcow2Driver(BlockDriver):
             await self._pdiscard(-(-length // cs) * cs, old - -(-length // cs) * cs, full=True)
             async with self.lock:
                 await self._shrink_l1(h.size_to_l1(length))
+                await self.refcounts.shrink_table()
+                await self._truncate_file_tail()
         async with self.lock:
-            await self.map.grow_l1(h.size_to_l1(length), exact=True)
+            try:
+                await self.map.grow_l1(h.size_to_l1(length), exact=True)
+            except QBlockError as e:
+                raise QBlockError(f"Failed to grow the L1 table: {os.strerror(e.errno)}",
+                                  errno=e.errno) from None
         if prealloc != "off" and length > old:
             await self._preallocate(old, length, prealloc)
         backing = self.node.backing
@@ -758,6 +862,24 @@ class Qcow2Driver(BlockDriver):
         for bitmap in self.node.dirty_bitmaps:
             bitmap.resize(length)
         self.l2_cache_resize()
+
+    async def _truncate_file_tail(self) -> None:
+        """After a shrink, cut the image file after its last used cluster (qcow2_co_truncate
+        with qcow2_get_last_cluster()), so no stale data lies past the end for later
+        preallocation to expose."""
+        cs = self.header.cluster_size
+        file_size = self.file.node.length()
+        counts = await self.refcounts.get_refcounts(0, -(-file_size // cs))
+        used = np.flatnonzero(counts)
+        if not len(used):
+            raise self.corruption("There are no references in the refcount table.")
+        end = (int(used[-1]) + 1) * cs
+        if end < file_size:
+            await self.flush_caches()
+            try:
+                await io.truncate(self.file, end)
+            except QBlockError as e:
+                print(f"warning: Failed to truncate the tail of the image: {e}", file=sys.stderr)
 
     async def _preallocate(self, start: int, end: int, mode: str) -> None:
         """Allocate clusters for [start, end) and extend the file over the last of them.
