@@ -5,7 +5,6 @@ difference: error messages start with "qblock-img: " instead of "qemu-img: ".
 """
 from __future__ import annotations
 
-import getopt
 import os
 import sys
 from types import SimpleNamespace
@@ -21,40 +20,13 @@ from qblock.block.perm import PERM_ALL, Perm
 from qblock.cli import imgamend, imgbitmap, imgconvert, imgcreate, imgfmt, imgmeasure, imgresize
 from qblock.cli import imgbench, imgdd
 from qblock.cli.imginfo import image_info, path_combine, read_header
+from qblock.cli.imgerr import PROG, CommandFailed, error, error_exit, getopt_args
 from qblock.cli.imgprogress import Progress
 from qblock.drivers.base import Status
 from qblock.errors import NotSupported, QBlockError
 from qblock.qobject import to_json
 
-PROG = "qblock-img"
 IO_BUF_SIZE = 2 * 1024 * 1024  # qemu-img.c IO_BUF_SIZE
-
-
-class _Exit(Exception):
-    """Leave a sub-command with an exit code (after an error was printed)."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-def error(msg: str) -> None:
-    """util/error-report.c error_report() with our program name."""
-    print(f"{PROG}: {msg}", file=sys.stderr)
-
-
-def error_exit(msg: str) -> _Exit:
-    """qemu-img.c error_exit(): message, the help hint, exit status 1."""
-    print(f"{PROG}: {msg}\nTry '{PROG} --help' for more information", file=sys.stderr)
-    return _Exit(1)
-
-
-def _getopt(argv: list[str], short: str, long: list[str]) -> tuple[list[tuple[str, str]],
-                                                                   list[str]]:
-    try:
-        return getopt.gnu_getopt(argv, short, long)
-    except getopt.GetoptError as e:
-        raise error_exit(e.msg) from None
 
 
 def _output_format(value: str) -> str:
@@ -68,14 +40,14 @@ def _probe(filename: str, fmt: str | None) -> str:
     if fmt is not None:
         if fmt not in ("raw", "qcow2"):
             error(f"Unknown file format '{fmt}'")
-            raise _Exit(1)
+            raise CommandFailed()
         return fmt
     try:
         return api.probe_format(filename)
     except OSError as e:
         error(f"Could not open '{filename}': Could not open '{filename}': "
               f"{os.strerror(e.errno or 0)}")
-        raise _Exit(1) from None
+        raise CommandFailed() from None
 
 
 async def _open_file(filename: str, *, writable: bool, share: bool) -> BlockBackend:
@@ -99,7 +71,7 @@ async def _open_image(filename: str, fmt: str | None, share: bool) -> api.AsyncD
         return await api.open_async(filename, driver=fmt, read_only=True, share=share)
     except QBlockError as e:
         error(f"Could not open '{filename}': {e}")
-        raise _Exit(1) from None
+        raise CommandFailed() from None
 
 
 # -- create ----------------------------------------------------------------------------------
@@ -120,14 +92,14 @@ async def _backing_size(base: str, base_fmt: str | None, filename: str) -> int:
         msg = f"Could not open '{name}': {os.strerror(e.errno or 0)}" if isinstance(
             e, OSError) else str(e)
         error(f"{filename}: {msg}\nCould not open backing image.")
-        raise _Exit(1) from None
+        raise CommandFailed() from None
     size = disk.size
     await disk.close()
     return size
 
 
 async def cmd_create(argv: list[str]) -> int:
-    opts, args = _getopt(argv, "F:b:f:ho:qu", ["help"])
+    opts, args = getopt_args(argv, "F:b:f:ho:qu", ["help"])
     fmt, base, base_fmt, unsafe, quiet = "raw", None, None, False, False
     options: dict[str, str] = {}
     help_opts = False
@@ -238,7 +210,7 @@ def _size_suffix_error(what: str) -> None:
 
 # -- info ------------------------------------------------------------------------------------
 async def cmd_info(argv: list[str]) -> int:
-    opts, args = _getopt(argv, "f:hU", ["output=", "backing-chain", "force-share", "help"])
+    opts, args = getopt_args(argv, "f:hU", ["output=", "backing-chain", "force-share", "help"])
     fmt, output, chain, share = None, "human", False, False
     for o, v in opts:
         if o == "-f":
@@ -305,7 +277,7 @@ def _image_check(filename: str, fmt: str, res: Any) -> dict[str, Any]:
 async def cmd_check(argv: list[str]) -> int:
     from qblock.drivers.qcow2.check import FIX_ERRORS, FIX_LEAKS, check_image
 
-    opts, args = _getopt(argv, "f:hpr:qU", ["output=", "repair=", "force-share", "help"])
+    opts, args = getopt_args(argv, "f:hpr:qU", ["output=", "repair=", "force-share", "help"])
     fmt, output, fix, quiet, share, progress = None, "human", 0, False, False, False
     for o, v in opts:
         if o == "-f":
@@ -419,7 +391,7 @@ def _mergeable(curr: dict[str, Any], nxt: dict[str, Any]) -> bool:
 
 
 async def cmd_map(argv: list[str]) -> int:
-    opts, args = _getopt(argv, "f:hU", ["output=", "start-offset=", "max-length=",
+    opts, args = getopt_args(argv, "f:hU", ["output=", "start-offset=", "max-length=",
                                         "force-share", "help"])
     fmt, output, share, start, max_length = None, "human", False, 0, None
     for o, v in opts:
@@ -516,7 +488,7 @@ async def _status(disk: api.AsyncDisk, offset: int, length: int) -> tuple[Status
 
 
 async def cmd_compare(argv: list[str]) -> int:
-    opts, args = _getopt(argv, "f:F:hqsU", ["force-share", "help"])
+    opts, args = getopt_args(argv, "f:F:hqsU", ["force-share", "help"])
     fmt1 = fmt2 = None
     quiet = strict = share = False
     for o, v in opts:
@@ -534,12 +506,12 @@ async def cmd_compare(argv: list[str]) -> int:
         raise error_exit("Expecting two image file names")
     try:
         disk1 = await _open_image(args[0], fmt1, share)
-    except _Exit:
+    except CommandFailed:
         return 2
     try:
         try:
             disk2 = await _open_image(args[1], fmt2, share)
-        except _Exit:
+        except CommandFailed:
             return 2
         try:
             return await _compare(disk1, disk2, strict, quiet)
@@ -643,5 +615,5 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         return api.run(cmd(argv[1:]))
-    except _Exit as e:
+    except CommandFailed as e:
         return e.code

@@ -10,7 +10,8 @@ from typing import Any
 
 from qblock.cli import imgfmt
 from qblock.cli.imgprogress import Progress
-from qblock.cli.imgresize import CommandFailed, error, error_exit, getopt_args, open_writable
+from qblock.cli.imgerr import CommandFailed, error, error_exit, getopt_args
+from qblock.cli.imgresize import open_writable
 from qblock.drivers.qcow2.amend import amend_options
 from qblock.errors import QBlockError
 

@@ -11,7 +11,6 @@ Each of the ``depth`` slots is a coroutine with its own buffer, reused for every
 from __future__ import annotations
 
 import asyncio
-import getopt
 import os
 import re
 import sys
@@ -19,8 +18,8 @@ import time
 from typing import Any
 
 from qblock import api
-from qblock.cli.imgdd import (INT_MAX, cvtnum, cvtnum_full, error, error_exit, getopt_error,
-                              image_opts_dict)
+from qblock.cli.imgdd import INT_MAX, cvtnum, cvtnum_full, image_opts_dict
+from qblock.cli.imgerr import error, error_exit, getopt_args
 from qblock.drivers.base import ReqFlags
 from qblock.errors import QBlockError
 
@@ -178,10 +177,7 @@ async def _open(filename: str, fmt: str | None, *, image_opts: bool, write: bool
 
 async def cmd_bench(argv: list[str]) -> int:
     """Entry point of ``qblock img bench``; exit status 0 or 1 like qemu-img."""
-    try:
-        opts, args = getopt.gnu_getopt(argv, "hc:d:f:ni:o:qs:S:t:wU", _LONG)
-    except getopt.GetoptError as e:
-        return getopt_error(e)
+    opts, args = getopt_args(argv, "hc:d:f:ni:o:qs:S:t:wU", _LONG)
     fmt, image_opts, write, share, drain = None, False, False, False, True
     count, depth, offset, bufsize, pattern, step, flush_interval = 75000, 64, 0, 4096, 0, 0, 0
     cache, aio = "writeback", "threads"
@@ -241,7 +237,7 @@ async def cmd_bench(argv: list[str]) -> int:
         elif o == "--image-opts":
             image_opts = True
     if len(args) != 1:
-        return error_exit("Expecting one image file name")
+        raise error_exit("Expecting one image file name")
     if not write and flush_interval:
         error("--flush-interval is only available in write tests")
         return 1

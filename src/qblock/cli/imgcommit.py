@@ -7,7 +7,6 @@ until READY and then completed; ``-p`` follows the job's progress.  Without ``-d
 from __future__ import annotations
 
 import asyncio
-import getopt
 import os
 from typing import Any
 
@@ -18,7 +17,8 @@ from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, PERM_NONE, Perm
 from qblock.block.qapi import path_combine
 from qblock.cli import imgfmt
-from qblock.cli.img import _Exit, _probe, error, error_exit
+from qblock.cli.img import _probe
+from qblock.cli.imgerr import CommandFailed, error, error_exit, getopt_args
 from qblock.cli.imgprogress import Progress
 from qblock.errors import QBlockError
 from qblock.jobs.mirror import ActiveCommitJob
@@ -30,23 +30,11 @@ POLL_INTERVAL = 0.1
 FORMATS = ("raw", "qcow2")  # the format drivers qblock has (bdrv_find_format)
 
 
-def parse_args(argv: list[str], short: str, long: list[str]) -> tuple[list[tuple[str, str]],
-                                                                      list[str]]:
-    """getopt like qemu-img: its words for an unknown option and a missing argument."""
-    try:
-        return getopt.gnu_getopt(argv, short, long)
-    except getopt.GetoptError as e:
-        name = ("-" if len(e.opt) == 1 else "--") + e.opt
-        if "requires argument" in e.msg:
-            raise error_exit(f"missing argument for option '{name}'") from None
-        raise error_exit(f"unrecognized option '{name}'") from None
-
-
 def cache_direct(mode: str, what: str = "") -> bool:
     """bdrv_parse_cache_mode(): O_DIRECT or not; an unknown mode ends the command."""
     if mode not in CACHE_MODES:
         error(f"Invalid {what}cache option: {mode}")
-        raise _Exit(1)
+        raise CommandFailed()
     return CACHE_MODES[mode]
 
 
@@ -55,7 +43,7 @@ async def open_rw(filename: str, fmt: str | None, direct: bool,
     """img_open() for writing: "Could not open 'FILE': ..." on failure."""
     if fmt is not None and fmt not in FORMATS:
         error(f"Could not open '{filename}': Unknown driver '{fmt}'")
-        raise _Exit(1)
+        raise CommandFailed()
     fmt = _probe(filename, fmt)
     opts = api.image_options(filename, driver=fmt, cache_direct=direct)
     opts.update(options or {})
@@ -63,7 +51,7 @@ async def open_rw(filename: str, fmt: str | None, direct: bool,
         node = await open_node(opts, implicit=True)
     except QBlockError as e:
         error(f"Could not open '{filename}': {e}")
-        raise _Exit(1) from None
+        raise CommandFailed() from None
     # blk_new_open() without BDRV_O_RESIZE: read and write, everything shared
     return api.AsyncDisk(BlockBackend(node, Perm.CONSISTENT_READ | Perm.WRITE, PERM_ALL))
 
@@ -115,7 +103,7 @@ async def run_block_job(job: ActiveCommitJob, events: _Events, progress: Progres
 
 
 async def cmd_commit(argv: list[str]) -> int:
-    opts, args = parse_args(argv, "f:ht:b:dpqr:", ["help"])
+    opts, args = getopt_args(argv, "f:ht:b:dpqr:", ["help"])
     fmt, cache, base_name = None, "writeback", None
     drop = want_progress = quiet = False
     rate_limit = 0

@@ -11,18 +11,16 @@ cvtnum_full), which ``qblock img bench`` shares.
 """
 from __future__ import annotations
 
-import getopt
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 from qblock import api
+from qblock.cli.imgerr import error, getopt_args
 from qblock.errors import QBlockError
 from qblock.keyval import KeyvalError, parse_keyval
 
-PROG = "qblock-img"
 USAGE = ("dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] "
          "[skip=blocks] if=input of=output")
 SECTOR = 512
@@ -35,25 +33,6 @@ _SUFFIX_SHIFT = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _DECIMAL = re.compile(r"[+-]?[0-9]+")
 _HEX = re.compile(r"[+-]?0[xX][0-9a-fA-F]+")
 _FRACTION = re.compile(r"\.[0-9]*")
-
-
-def error(msg: str) -> None:
-    """error_report() with our program name."""
-    print(f"{PROG}: {msg}", file=sys.stderr)
-
-
-def error_exit(msg: str) -> int:
-    """qemu-img.c error_exit(): the message, the help hint, exit status 1."""
-    print(f"{PROG}: {msg}\nTry '{PROG} --help' for more information", file=sys.stderr)
-    return 1
-
-
-def getopt_error(e: getopt.GetoptError) -> int:
-    """qemu-img.c missing_argument() / unrecognized_option() for a getopt failure."""
-    option = e.msg.split()[1]
-    if "requires argument" in e.msg:
-        return error_exit(f"missing argument for option '{option}'")
-    return error_exit(f"unrecognized option '{option}'")
 
 
 def strtosz(text: str) -> int:
@@ -238,11 +217,8 @@ async def _copy(src: api.AsyncDisk, dst: api.AsyncDisk, start: int, end: int, bs
 
 async def cmd_dd(argv: list[str]) -> int:
     """Entry point of ``qblock img dd``; exit status 0 or 1 like qemu-img."""
-    try:
-        opts, operands = getopt.gnu_getopt(argv, "hf:O:U", ["help", "object=", "image-opts",
-                                                           "force-share"])
-    except getopt.GetoptError as e:
-        return getopt_error(e)
+    opts, operands = getopt_args(argv, "hf:O:U", ["help", "object=", "image-opts",
+                                                   "force-share"])
     fmt, out_fmt, share, image_opts = None, "raw", False, False
     for o, v in opts:
         if o in ("-h", "--help"):

@@ -15,7 +15,7 @@ from qblock import api
 from qblock.block import io
 from qblock.block.node import BlockNode
 from qblock.cli import imgcreate, imgfmt
-from qblock.cli.imgresize import CommandFailed, error, getopt_args
+from qblock.cli.imgerr import CommandFailed, error, getopt_args
 from qblock.drivers.base import Status
 from qblock.drivers.qcow2.cluster import COMPRESSED, DATA, L1E_OFFSET_MASK, UNALLOC
 from qblock.drivers.qcow2.snapshot import SnapshotInfo

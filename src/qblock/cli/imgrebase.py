@@ -18,8 +18,8 @@ from qblock.block.node import BlockNode
 from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, Perm
 from qblock.block.qapi import path_combine
-from qblock.cli.img import _Exit, error, error_exit
-from qblock.cli.imgcommit import FORMATS, cache_direct, find_backing_image, open_rw, parse_args
+from qblock.cli.imgerr import CommandFailed, error, error_exit, getopt_args
+from qblock.cli.imgcommit import FORMATS, cache_direct, find_backing_image, open_rw
 from qblock.cli.imgprogress import Progress
 from qblock.drivers.base import Status
 from qblock.errors import QBlockError
@@ -65,7 +65,7 @@ async def _open_new_backing(top: BlockNode, name: str, fmt: str | None, share: b
     else:
         return BlockBackend(node, Perm.CONSISTENT_READ, PERM_ALL), None
     error(f"Could not open new backing file '{name}': {msg}")
-    raise _Exit(1)
+    raise CommandFailed()
 
 
 async def _read(blk: BlockBackend | None, size: int, offset: int, n: int,
@@ -77,7 +77,7 @@ async def _read(blk: BlockBackend | None, size: int, offset: int, n: int,
         return await blk.pread(offset, n)
     except QBlockError:
         error(f"error while reading from {what} backing file")
-        raise _Exit(1) from None
+        raise CommandFailed() from None
 
 
 def cluster_groups(runs: list[tuple[int, int]], cluster: int) -> list[list[tuple[int, int]]]:
@@ -109,7 +109,7 @@ async def _write_back(disk: api.AsyncDisk, offset: int, buf_old: bytearray, old_
         await asyncio.gather(*(write(g) for g in groups))
     except QBlockError as e:
         error(f"Error while writing to COW image: {e}")
-        raise _Exit(1) from None
+        raise CommandFailed() from None
 
 
 async def _is_skipped(top: BlockNode, prefix: BlockNode | None, offset: int,
@@ -129,7 +129,7 @@ async def _is_skipped(top: BlockNode, prefix: BlockNode | None, offset: int,
                 return depth == 0, st.pnum
     except QBlockError as e:
         error(f"error while reading image metadata: {e}")
-        raise _Exit(1) from None
+        raise CommandFailed() from None
     return False, n
 
 
@@ -189,11 +189,11 @@ async def change_backing_file(node: BlockNode, name: str, fmt: str | None) -> No
             msg = ("No space left in the file header" if "No space left" in str(e)
                    else str(e))
     error(f"Could not change the backing file to '{name}': {msg}")
-    raise _Exit(1)
+    raise CommandFailed()
 
 
 async def cmd_rebase(argv: list[str]) -> int:
-    opts, args = parse_args(argv, "hf:F:b:upt:T:qU", ["help", "force-share"])
+    opts, args = getopt_args(argv, "hf:F:b:upt:T:qU", ["help", "force-share"])
     fmt = base_fmt = base_name = None
     cache = src_cache = "writeback"
     unsafe = want_progress = quiet = share = False
@@ -230,7 +230,7 @@ async def cmd_rebase(argv: list[str]) -> int:
         src_direct = cache_direct(src_cache, "source ")
         # -u: the old backing file is not opened (it may be gone: that is what -u is for)
         disk = await open_rw(args[0], fmt, direct, {"backing": None} if unsafe else None)
-    except _Exit:
+    except CommandFailed:
         progress.end()
         raise
     try:
@@ -241,7 +241,7 @@ async def cmd_rebase(argv: list[str]) -> int:
         if not unsafe:
             await _rebase_safe(disk, base_name or "", base_fmt, share, src_direct, progress)
         await change_backing_file(top, base_name or "", base_fmt)
-    except _Exit as e:
+    except CommandFailed as e:
         return e.code
     finally:
         progress.end()

@@ -5,7 +5,6 @@ BDRV_O_RDWR), including QEMU's warning when a writable image's format was probed
 """
 from __future__ import annotations
 
-import getopt
 import os
 import sys
 
@@ -15,48 +14,16 @@ from qblock.block.node import close_node
 from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, Perm
 from qblock.cli import imgfmt
+from qblock.cli.imgerr import RAW_PROBE_WARNING, CommandFailed, error, error_exit, getopt_args
 from qblock.errors import QBlockError
 from qblock.keyval import KeyvalError, parse_keyval
 
-PROG = "qblock-img"
 _SIZE_SHIFTS = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 # util/qemu-option.c parse_option_size(): sizes are unsigned 64-bit.
 _SIZE_ERROR = ("Parameter 'size' expects a non-negative number below 2^64\n"
                "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
                "and exabytes, respectively.")
-_RAW_PROBE_WARNING = (
-    "WARNING: Image format was not specified for '{0}' and probing guessed raw.\n"
-    "         Automatically detecting the format is dangerous for raw images, write "
-    "operations on block 0 will be restricted.\n"
-    "         Specify the 'raw' format explicitly to remove the restrictions.")
-
-
-class CommandFailed(Exception):
-    """Leave a sub-command with exit status 1; the message was printed already."""
-
-
-def error(msg: str) -> None:
-    """error_report() with our program name."""
-    print(f"{PROG}: {msg}", file=sys.stderr)
-
-
-def error_exit(msg: str) -> CommandFailed:
-    """qemu-img.c error_exit(): the message and the help hint."""
-    print(f"{PROG}: {msg}\nTry '{PROG} --help' for more information", file=sys.stderr)
-    return CommandFailed()
-
-
-def getopt_args(argv: list[str], short: str,
-                long: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """getopt_long() with qemu-img's complaints about bad options."""
-    try:
-        return getopt.gnu_getopt(argv, short, long)
-    except getopt.GetoptError as e:
-        name = f"-{e.opt}" if len(e.opt) == 1 else f"--{e.opt}"
-        if "requires argument" in e.msg:
-            raise error_exit(f"missing argument for option '{name}'") from None
-        raise error_exit(f"unrecognized option '{name}'") from None
 
 
 def parse_u64_size(text: str) -> int:
@@ -113,7 +80,7 @@ async def open_writable(filename: str, fmt: str | None, image_opts: bool,
                       f"{os.strerror(e.errno or 0)}")
                 raise CommandFailed() from None
             if fmt == "raw":
-                print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
+                print(RAW_PROBE_WARNING.format(filename), file=sys.stderr)
         if fmt not in ("raw", "qcow2"):
             error(f"Unknown file format '{fmt}'")
             raise CommandFailed()

@@ -15,9 +15,8 @@ from qblock.block.node import BlockNode, close_node
 from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, Perm
 from qblock.cli import imgfmt
-from qblock.cli.img import _Exit, _probe, error, error_exit
-from qblock.cli.imgcommit import parse_args
-from qblock.cli.imgresize import _RAW_PROBE_WARNING as RAW_PROBE_WARNING
+from qblock.cli.img import _probe
+from qblock.cli.imgerr import RAW_PROBE_WARNING, CommandFailed, error, error_exit, getopt_args
 from qblock.drivers.qcow2 import snapshot_ops
 from qblock.drivers.qcow2.snapshot import qapi_info
 from qblock.errors import QBlockError
@@ -49,7 +48,7 @@ def _options(filename: str, image_opts: bool, writable: bool) -> dict:
             options = parse_keyval(filename)
         except KeyvalError as e:
             error(str(e))
-            raise _Exit(1) from None
+            raise CommandFailed() from None
         child = options.get("file")
         if isinstance(child, dict) and "driver" not in child:
             child["driver"] = "file"
@@ -71,7 +70,7 @@ async def _open(filename: str, image_opts: bool, writable: bool, share: bool) ->
     except (QBlockError, OSError) as e:
         msg = os.strerror(e.errno or 0) if isinstance(e, OSError) else str(e)
         error(f"Could not open '{filename}': {msg}")
-        raise _Exit(1) from None
+        raise CommandFailed() from None
     # blk_new_open(): a writable image shares everything (qcow2 itself refuses a second
     # writer), so that applying a snapshot can resize it through a second BlockBackend.
     perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
@@ -81,12 +80,12 @@ async def _open(filename: str, image_opts: bool, writable: bool, share: bool) ->
     except QBlockError as e:
         await close_node(node)
         error(f"Could not open '{filename}': {e}")
-        raise _Exit(1) from None
+        raise CommandFailed() from None
 
 
 async def main(argv: list[str]) -> int:
     """Run one action on the image; exit status 1 on failure."""
-    opts, args = parse_args(argv, "la:c:d:hqU", ["help", "image-opts", "force-share"])
+    opts, args = getopt_args(argv, "la:c:d:hqU", ["help", "image-opts", "force-share"])
     action: str | None = None
     name = ""
     image_opts = share = False
