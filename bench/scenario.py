@@ -71,6 +71,25 @@ class Scenario:
             raise ValueError(f"scenario {self.name}: unit must be 'MiB/s' or 'IOPS'")
 
 
+def command_scenario(name: str, description: str, *, setup: Callable[[Context], None],
+                     run: Callable[[str, Context], float],
+                     startup: Callable[[str, Context], float]) -> Scenario:
+    """A MiB/s scenario whose two sides run the same command line over the guest size.
+
+    ``run(side, ctx)`` and ``startup(side, ctx)`` (side "qblock" or "qemu") return the wall
+    seconds of the real work and of the same command doing none.
+    """
+    def runner(side: str) -> Runner:
+        return lambda ctx: Measurement(run(side, ctx), ctx.size, detail={"bytes": ctx.size})
+
+    def starter(side: str) -> StartupRunner:
+        return lambda ctx: startup(side, ctx)
+
+    return Scenario(name=name, description=description, unit="MiB/s", setup=setup,
+                    run_qblock=runner("qblock"), run_qemu=runner("qemu"),
+                    startup_qblock=starter("qblock"), startup_qemu=starter("qemu"))
+
+
 REGISTRY: dict[str, Scenario] = {}
 
 

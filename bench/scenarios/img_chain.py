@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.scenario import MIB, Context, Measurement, Runner, Scenario, StartupRunner, register
+from bench.scenario import MIB, Context, Scenario, command_scenario, register
 from bench.workload import timed, worker_env
 
 CLUSTER = 64 * 1024
@@ -71,19 +71,12 @@ def _commit(side: str, ctx: Context, top_key: str) -> float:
 
 
 def _commit_scenario() -> Scenario:
-    def run(side: str) -> Runner:
-        return lambda ctx: Measurement(_commit(side, ctx, "top"), ctx.size,
-                                       detail={"bytes": ctx.size})
-
-    def startup(side: str) -> StartupRunner:
-        return lambda ctx: _commit(side, ctx, "etop")
-
-    return Scenario(
-        name="img-commit-1g",
-        description="commit -d a fully written qcow2 overlay into its written base "
-                    "(qblock img commit vs qemu-img commit)",
-        unit="MiB/s", setup=_commit_setup, run_qblock=run("qblock"), run_qemu=run("qemu"),
-        startup_qblock=startup("qblock"), startup_qemu=startup("qemu"))
+    return command_scenario(
+        "img-commit-1g",
+        "commit -d a fully written qcow2 overlay into its written base "
+        "(qblock img commit vs qemu-img commit)",
+        setup=_commit_setup, run=lambda side, ctx: _commit(side, ctx, "top"),
+        startup=lambda side, ctx: _commit(side, ctx, "etop"))
 
 
 # -- img-rebase-1g ------------------------------------------------------------------------------
@@ -114,19 +107,12 @@ def _rebase(side: str, ctx: Context, prefix: str) -> float:
 
 
 def _rebase_scenario() -> Scenario:
-    def run(side: str) -> Runner:
-        return lambda ctx: Measurement(_rebase(side, ctx, ""), ctx.size,
-                                       detail={"bytes": ctx.size})
-
-    def startup(side: str) -> StartupRunner:
-        return lambda ctx: _rebase(side, ctx, "e")
-
-    return Scenario(
-        name="img-rebase-1g",
-        description="safe rebase of a half-written overlay between bases differing in half "
-                    "the clusters (qblock img rebase vs qemu-img rebase)",
-        unit="MiB/s", setup=_rebase_setup, run_qblock=run("qblock"), run_qemu=run("qemu"),
-        startup_qblock=startup("qblock"), startup_qemu=startup("qemu"))
+    return command_scenario(
+        "img-rebase-1g",
+        "safe rebase of a half-written overlay between bases differing in half the clusters "
+        "(qblock img rebase vs qemu-img rebase)",
+        setup=_rebase_setup, run=lambda side, ctx: _rebase(side, ctx, ""),
+        startup=lambda side, ctx: _rebase(side, ctx, "e"))
 
 
 register(_commit_scenario())
