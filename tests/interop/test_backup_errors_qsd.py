@@ -106,18 +106,8 @@ def qemu_io_read(image: Path, *commands: str) -> None:
 
 @pytest.mark.parametrize("side,policy,errno", job_errors.CASES)
 def test_backup_on_error_like_qsd(tmp_path: Path, side: str, policy: str, errno: str) -> None:
-    results = on_both_daemons(tmp_path, job_errors.prepare, script(side, policy, errno))
-    ref, got = results["qsd"], results["qblock"]
-    assert got == ref
-    assert any(e["event"] == "BLOCK_JOB_ERROR" for e in ref["events"])
-    completed = [e for e in ref["events"] if e["event"] == "BLOCK_JOB_COMPLETED"]
-    if "error" not in completed[0]["data"]:
-        for who in ("qsd", "qblock"):
-            cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
-                                  str(tmp_path / who / "src.raw"),
-                                  str(tmp_path / who / "tgt.raw")],
-                                 capture_output=True, text=True, timeout=TIMEOUT)
-            assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    job_errors.assert_copy_job_like_qsd(
+        tmp_path, on_both_daemons(tmp_path, job_errors.prepare, script(side, policy, errno)))
 
 
 def test_stopped_backup_keeps_the_point_in_time(tmp_path: Path) -> None:

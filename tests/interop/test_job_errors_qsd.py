@@ -188,7 +188,13 @@ def test_stream_commit_on_error_like_qsd(tmp_path: Path, job: str, policy: str) 
 
 @pytest.mark.parametrize("side,policy,errno", CASES)
 def test_mirror_on_error_like_qsd(tmp_path: Path, side: str, policy: str, errno: str) -> None:
-    results = on_both_daemons(tmp_path, prepare, script(side, policy, errno))
+    assert_copy_job_like_qsd(tmp_path, on_both_daemons(tmp_path, prepare,
+                                                       script(side, policy, errno)))
+
+
+def assert_copy_job_like_qsd(tmp_path: Path, results: dict[str, Any]) -> None:
+    """Same events and replies on both daemons, an error was hit, and a job that succeeded
+    left a target equal to its source on both."""
     ref, got = results["qsd"], results["qblock"]
     assert got == ref
     assert any(e["event"] == "BLOCK_JOB_ERROR" for e in ref["events"])
