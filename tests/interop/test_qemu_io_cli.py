@@ -127,3 +127,17 @@ def test_interactive_prompt(images: Path, qemu_tool: Tool) -> None:
     ref = qemu_tool("qemu-io", "-f", "raw", "q.raw", input=script)
     assert (mine.returncode, _filter(mine.stdout)) == (ref.returncode, _filter(ref.stdout))
     assert _filter(mine.stdout).startswith("qemu-io> wrote 4096/4096 bytes at offset 0\n")
+
+
+def test_raw_file_of_odd_length_reads_like_qemu_io(tmp_path: Path, qemu_tool: Tool,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A 1000-byte raw file is 1024 bytes long to the block layer (whole sectors); the tail
+    past the file's end reads as zeroes, and writing it extends the file, as in qemu-io."""
+    data = bytes(range(256)) * 3 + bytes(232)
+    script = ["length", "read -v 990 34", "write -P 0x77 1000 24", "read -v 996 28", "length"]
+    for who in ("q", "b"):
+        (tmp_path / f"{who}.raw").write_bytes(data[:1000])
+    expected = theirs(qemu_tool, "-f", "raw", *_cmds(script), tmp_path / "q.raw")
+    assert expected[0] == 0 and "1 KiB" in expected[1]
+    assert ours(capsys, "-f", "raw", *_cmds(script), tmp_path / "b.raw") == expected
+    assert (tmp_path / "b.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()

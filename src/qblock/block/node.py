@@ -14,6 +14,8 @@ from qblock.block.graph import (BdrvChild, attach_child, cumulative_perms, detac
 from qblock.block.perm import Perm, Role, default_child_perms
 from qblock.errors import InvalidArgument, NodeInUse, NodeNotFound
 
+SECTOR_SIZE = 512  # BDRV_SECTOR_SIZE
+
 if TYPE_CHECKING:
     from qblock.block.dirty_bitmap import DirtyBitmap
     from qblock.drivers.base import BlockDriver
@@ -197,7 +199,9 @@ class BlockNode:
 
     # -- state -------------------------------------------------------------------------------
     def length(self) -> int:
-        return self.drv.getlength()
+        """bdrv_getlength(): the driver's length in whole sectors (block.c keeps
+        total_sectors = DIV_ROUND_UP(length, BDRV_SECTOR_SIZE)); the tail reads as zeroes."""
+        return -(-self.drv.getlength() // SECTOR_SIZE) * SECTOR_SIZE
 
     def set_read_only(self, read_only: bool) -> None:
         """Reopen read-only or read-write (block.c bdrv_reopen_set_read_only)."""
