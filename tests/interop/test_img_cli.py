@@ -280,7 +280,10 @@ def test_create_qcow2_preallocated_like_qemu_img(tmp_path: Path, qemu_tool: Tool
     assert mine[0] == 0 and mine[1].replace("a.qcow2", "b.qcow2") == \
         theirs(qemu_tool, *args, "b.qcow2", "40M")[1]
     a, b = Path("a.qcow2").stat(), Path("b.qcow2").stat()
-    assert (a.st_size, a.st_blocks) == (b.st_size, b.st_blocks)
+    assert a.st_size == b.st_size
+    # st_blocks also counts the filesystem's own extent-tree blocks, which depend on how
+    # fragmented free space was when each file was written: allow two 4 KiB blocks of those
+    assert abs(a.st_blocks - b.st_blocks) <= 16, (a.st_blocks, b.st_blocks)
     assert theirs(qemu_tool, "check", "a.qcow2")[0] == 0
     assert theirs(qemu_tool, "map", "--output=json", "a.qcow2")[1] == \
         theirs(qemu_tool, "map", "--output=json", "b.qcow2")[1]
