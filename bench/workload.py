@@ -161,6 +161,8 @@ def worker_env() -> dict[str, str]:
     if env.get("PYTHONPATH"):
         paths += [os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # an installed package runs from cached bytecode; don't time a recompile of every module
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 

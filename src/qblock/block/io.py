@@ -7,8 +7,8 @@ keeps ``wr_highest_offset`` and emits the ``bdrv_co_*`` trace points.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+import contextvars
+from collections.abc import Callable
 from typing import Any
 
 from qblock import trace
@@ -31,6 +31,19 @@ _t_threshold = trace.point("bdrv_write_threshold")
 
 # Set by the monitor: called with (event name, data) for BLOCK_WRITE_THRESHOLD.
 event_hook: Callable[[str, dict[str, Any]], None] | None = None
+
+# Set by a caller that orders its writes by where a format allocates them (qemu-img convert's
+# in-order writes): a format driver calls it once the last allocation of the current write is
+# done and only its data remains to be written, so the caller's next write may start.
+write_allocated: contextvars.ContextVar[Callable[[], None] | None] = \
+    contextvars.ContextVar("write_allocated", default=None)
+
+
+def notify_write_allocated() -> None:
+    """Tell the caller of the current write that its allocation is done (write_allocated)."""
+    hook = write_allocated.get()
+    if hook is not None:
+        hook()
 
 
 class TrackedRequest:
@@ -62,20 +75,46 @@ def _untrack(node: BlockNode, req: TrackedRequest) -> None:
     req.done.set()
 
 
-@contextlib.asynccontextmanager
-async def _write_request(node: BlockNode, offset: int, length: int, *, serialising: bool,
-                         is_discard: bool = False) -> AsyncIterator[None]:
+class _WriteRequest:
     """One write-type request in flight (bdrv_co_write_req_prepare/finish): tracked, the write
-    threshold checked before, dirty bitmaps and wr_highest_offset updated after success."""
-    node.in_flight += 1
-    req = await _track(node, offset, length, serialising)
-    try:
-        _threshold_check(node, offset, length)
-        yield
-        _write_done(node, offset, length, is_discard=is_discard)
-    finally:
-        _untrack(node, req)
-        node.in_flight -= 1
+    threshold checked before, dirty bitmaps and wr_highest_offset updated after success.
+
+    A class rather than an asynccontextmanager: it runs for every write."""
+
+    __slots__ = ("node", "offset", "length", "serialising", "is_discard", "req")
+
+    def __init__(self, node: BlockNode, offset: int, length: int, *, serialising: bool,
+                 is_discard: bool = False) -> None:
+        self.node = node
+        self.offset = offset
+        self.length = length
+        self.serialising = serialising
+        self.is_discard = is_discard
+
+    async def __aenter__(self) -> None:
+        node = self.node
+        node.in_flight += 1
+        try:
+            self.req = await _track(node, self.offset, self.length, self.serialising)
+        except BaseException:
+            node.in_flight -= 1
+            raise
+        try:
+            _threshold_check(node, self.offset, self.length)
+        except BaseException:
+            self._finish()
+            raise
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            if exc_type is None:
+                _write_done(self.node, self.offset, self.length, is_discard=self.is_discard)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        _untrack(self.node, self.req)
+        self.node.in_flight -= 1
 
 
 def check_request(offset: int, length: int) -> None:
@@ -206,7 +245,7 @@ async def node_pwritev(node: BlockNode, offset: int, data: memoryview,
         return
     align = node.request_alignment
     aligned = offset % align == 0 and length % align == 0
-    async with _write_request(node, offset, length, serialising=not aligned):
+    async with _WriteRequest(node, offset, length, serialising=not aligned):
         if aligned:
             await node.drv.co_pwritev(offset, data, flags)
         else:
@@ -240,7 +279,7 @@ async def node_pwrite_zeroes(node: BlockNode, offset: int, length: int,
     if not length:
         return
     align = node.request_alignment
-    async with _write_request(node, offset, length,
+    async with _WriteRequest(node, offset, length,
                               serialising=bool(offset % align or length % align)):
         head = -offset % align
         mid_start = offset + head
@@ -282,7 +321,7 @@ async def node_pdiscard(node: BlockNode, offset: int, length: int) -> None:
     end = (offset + length) - (offset + length) % align
     if not length:
         return
-    async with _write_request(node, offset, length, serialising=False, is_discard=True):
+    async with _WriteRequest(node, offset, length, serialising=False, is_discard=True):
         if end > start:
             await node.drv.co_pdiscard(start, end - start)
 
@@ -315,6 +354,13 @@ async def truncate(child: BdrvChild, length: int, *, exact: bool = True,
 
 
 # -- block status ---------------------------------------------------------------------------
+# Status bits as plain ints: block status runs once per extent of a scan, and IntFlag
+# arithmetic builds an enum member per operation.
+_DATA, _ZERO, _ALLOCATED = int(Status.DATA), int(Status.ZERO), int(Status.ALLOCATED)
+_RAW, _RECURSE, _EOF = int(Status.RAW), int(Status.RECURSE), int(Status.EOF)
+_OFFSET_VALID = int(Status.OFFSET_VALID)
+
+
 async def block_status(node: BlockNode, offset: int, length: int) -> BlockStatus:
     """Status of the range from ``offset`` in ``node`` alone (bdrv_co_block_status)."""
     total = node.length()
@@ -324,32 +370,33 @@ async def block_status(node: BlockNode, offset: int, length: int) -> BlockStatus
     if length == 0:
         return BlockStatus(Status.NONE, 0)
     st = await node.drv.co_block_status(offset, length)
-    status, pnum = st.status, max(min(st.pnum, length), 0)
-    if status & Status.RAW:
-        assert st.file is not None
-        inner = await block_status(st.file, st.map, pnum)
-        status, pnum = inner.status & ~Status.EOF, inner.pnum or pnum
-        st = BlockStatus(status, pnum, inner.map, inner.file)
+    status, pnum = int(st.status), max(min(st.pnum, length), 0)
+    bs_map, bs_file = st.map, st.file
+    if status & _RAW:
+        assert bs_file is not None
+        inner = await block_status(bs_file, bs_map, pnum)
+        status, pnum = int(inner.status) & ~_EOF, inner.pnum or pnum
+        bs_map, bs_file = inner.map, inner.file
     else:
-        if status & (Status.DATA | Status.ZERO):
-            status |= Status.ALLOCATED
+        if status & (_DATA | _ZERO):
+            status |= _ALLOCATED
         elif node.drv.supports_backing:
             cow = node.cow_child()
             if cow is None or offset >= cow.node.length():
-                status |= Status.ZERO
-        if (status & Status.RECURSE and st.file is not None and st.file is not node
-                and status & Status.DATA and not status & Status.ZERO
-                and status & Status.OFFSET_VALID):
-            inner = await block_status(st.file, st.map, pnum)
-            if inner.status & Status.EOF and (not inner.pnum or inner.status & Status.ZERO):
-                status |= Status.ZERO
+                status |= _ZERO
+        if (status & _RECURSE and bs_file is not None and bs_file is not node
+                and status & _DATA and not status & _ZERO and status & _OFFSET_VALID):
+            inner = await block_status(bs_file, bs_map, pnum)
+            inner_status = int(inner.status)
+            if inner_status & _EOF and (not inner.pnum or inner_status & _ZERO):
+                status |= _ZERO
             else:
                 pnum = inner.pnum
-                status |= inner.status & Status.ZERO
-        st = BlockStatus(status & ~Status.RECURSE, pnum, st.map, st.file)
-    if offset + st.pnum == total:
-        st = BlockStatus(st.status | Status.EOF, st.pnum, st.map, st.file)
-    return st
+                status |= inner_status & _ZERO
+        status &= ~_RECURSE
+    if offset + pnum == total:
+        status |= _EOF
+    return BlockStatus(Status(status), pnum, bs_map, bs_file)
 
 
 async def block_status_above(node: BlockNode, base: BlockNode | None, offset: int,

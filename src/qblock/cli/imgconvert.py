@@ -2,10 +2,17 @@
 
 Sources are concatenated; each range is classified by block status as data, zeroes or (with
 ``-B``) left to the target's backing file.  Data is read in chunks of up to 2 MiB by ``-m``
-workers at once; writes stay in order unless ``-W``.  Zero runs of at least ``-S`` bytes inside
-data are not written when the new target reads as zeroes already.  With ``-c`` the chunks are
-whole clusters, which the qcow2 driver compresses in parallel.  The target's cache mode is
-``-t``, ``unsafe`` unless given (qemu-img's default for convert: flushes are no-ops).
+workers at once.  Zero runs of at least ``-S`` bytes inside data are not written when the new
+target reads as zeroes already.  With ``-c`` the chunks are whole clusters, which the qcow2
+driver compresses in parallel.  The target's cache mode is ``-t``, ``unsafe`` unless given
+(qemu-img's default for convert: flushes are no-ops).
+
+Write order: qemu-img keeps writes in order (wr_in_order, unless ``-W``) so that a format
+target allocates its clusters in guest order.  Here that holds for a qcow2 target only, and
+only for the allocation: the next chunk's write starts once the qcow2 driver has allocated the
+previous one's clusters (io.write_allocated), while that data is still being written; the
+layout is the one qemu-img gets.  A raw target's bytes are the same whatever order the writes
+land in, so its writes are never held back.
 """
 from __future__ import annotations
 
@@ -14,7 +21,9 @@ import enum
 import getopt
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -30,6 +39,7 @@ SECTOR = 512
 IO_BUF_SECTORS = 2 * 1024 * 1024 // SECTOR  # qemu-img.c IO_BUF_SIZE
 MAX_BUF_SECTORS = 32768
 MAX_COROUTINES = 16
+_ST_ZERO, _ST_DATA = int(Status.ZERO), int(Status.DATA)
 # block.c bdrv_parse_cache_mode(): mode -> (cache.direct, writethrough, cache.no-flush)
 CACHE_MODES = {"off": (True, False, False), "none": (True, False, False),
                "directsync": (True, True, False), "writeback": (False, False, False),
@@ -108,9 +118,10 @@ class Converter:
                 raise ConvertError(f"error while reading block status at offset {offset}: "
                                    f"{os.strerror(e.errno)}") from None
             n = max(-(-st.pnum // SECTOR), 1)
-            if st.status & Status.ZERO:
+            status = int(st.status)  # plain int: IntFlag arithmetic is slow per chunk
+            if status & _ST_ZERO:
                 self._status = Kind.ZERO
-            elif st.status & Status.DATA:
+            elif status & _ST_DATA:
                 self._status = Kind.DATA
             else:
                 self._status = Kind.BACKING_FILE if self.target_has_backing else Kind.DATA
@@ -224,8 +235,14 @@ class Converter:
         return [(bool(data[a // cl]), b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 
     async def _write(self, sector: int, n: int, kind: Kind, buf: memoryview | None,
-                     runs: list[tuple[bool, int]]) -> None:
-        """convert_co_write(); ``runs`` are the data chunk's pieces (see _data_runs())."""
+                     runs: list[tuple[bool, int]],
+                     on_allocated: Callable[[], None] | None = None) -> None:
+        """convert_co_write(); ``runs`` are the data chunk's pieces (see _data_runs()).
+
+        ``on_allocated`` is handed to the target's driver with the chunk's last request when
+        that is a data write (io.write_allocated): the driver calls it once the write's
+        clusters are allocated, before its data is written.
+        """
         blk = self.target.blk
         if kind is Kind.BACKING_FILE:
             return
@@ -234,10 +251,18 @@ class Converter:
             if self.writethrough:
                 flags |= ReqFlags.FUA
             pos = 0
-            for is_data, num in runs:
+            last = len(runs) - 1
+            for i, (is_data, num) in enumerate(runs):
                 if is_data:
-                    await blk.pwritev((sector + pos) * SECTOR,
-                                      buf[pos * SECTOR:(pos + num) * SECTOR], flags)
+                    view = buf[pos * SECTOR:(pos + num) * SECTOR]
+                    if i == last and on_allocated is not None:
+                        token = io.write_allocated.set(on_allocated)
+                        try:
+                            await blk.pwritev((sector + pos) * SECTOR, view, flags)
+                        finally:
+                            io.write_allocated.reset(token)
+                    else:
+                        await blk.pwritev((sector + pos) * SECTOR, view, flags)
                 elif not self.has_zero_init:
                     await blk.pwrite_zeroes((sector + pos) * SECTOR, num * SECTOR,
                                             ReqFlags.MAY_UNMAP)
@@ -269,7 +294,10 @@ class Converter:
         await fut
 
     def _pass_turn(self, end: int) -> None:
-        """Written up to ``end``: wake the worker whose chunk starts there (wait_sector_num)."""
+        """Written (or, for a qcow2 target, allocated) up to ``end``: wake the worker whose
+        chunk starts there (wait_sector_num).  Called again when the write completes."""
+        if end <= self._wr_offs:
+            return
         self._wr_offs = end
         fut = self._waiters.pop(end, None)
         if fut is not None and not fut.done():
@@ -311,7 +339,9 @@ class Converter:
                 await self._wait_turn(sector)
             if self._error is None:
                 try:
-                    await self._write(sector, n, kind, data, runs)
+                    await self._write(sector, n, kind, data, runs,
+                                      partial(self._pass_turn, sector + n)
+                                      if self.in_order else None)
                 except QBlockError as e:
                     self._fail(f"error while writing at byte {sector * SECTOR}: "
                                f"{os.strerror(e.errno)}")
@@ -539,7 +569,7 @@ async def _convert(o: Options) -> None:
         if o.compressed and not is_qcow2:
             raise ConvertError("Compression not supported for this file format")
         conv = Converter(sources, target, min_sparse=o.min_sparse,
-                         num_workers=o.num_workers, in_order=o.in_order,
+                         num_workers=o.num_workers, in_order=o.in_order and is_qcow2,
                          compressed=o.compressed, target_has_backing=backing is not None,
                          writethrough=CACHE_MODES[o.cache][1], progress=o.progress)
         conv.has_zero_init = o.target_is_zero or (

@@ -10,6 +10,7 @@ UNALLOC (read from backing), ZERO (reads zeroes), DATA (host offset valid), COMP
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ _U64 = np.uint64
 _OFFSET_MASK = _U64(L2E_OFFSET_MASK)
 # the bits of a standard L2 entry that decide its type and host offset (not COPIED)
 _RUN_MASK = _U64(L2E_OFFSET_MASK | OFLAG_COMPRESSED | OFLAG_ZERO)
+_RUN_PROBE = 64  # entries lookup() compares before comparing the rest of a slice
 
 
 @dataclasses.dataclass(slots=True)
@@ -290,11 +292,7 @@ class ClusterMap:
                 # Fast path: the run of the first cluster, found with one table comparison.
                 # Clusters continue it while they have its type and (with a host cluster)
                 # the next host cluster, like count_contiguous_subclusters().
-                expect = _U64(first & int(_RUN_MASK))
-                if off:
-                    expect = expect + self._steps[:len(entries)]
-                same = (entries & _RUN_MASK) == expect
-                n = len(entries) if same.all() else int(same.argmin())
+                n = self._run_entries(entries, first & int(_RUN_MASK), bool(off))
                 if n == len(entries) or first_only:
                     run_len = length if n == len(entries) else (gc + n) * cs - offset
                     return [self._lookup_one(first, offset, run_len, slc, idx)]
@@ -333,6 +331,29 @@ class ClusterMap:
             if first_only:
                 break
         return runs
+
+    def _run_entries(self, entries: np.ndarray, first: int, has_host: bool) -> int:
+        """How many of ``entries`` continue the run of the first one (type bits ``first``,
+        host clusters following each other when ``has_host``).
+
+        A short window is compared first: runs are usually short, and comparing a whole
+        slice for each block-status call would dominate a sequential scan.
+        """
+        start = 0
+        window = _RUN_PROBE
+        while start < len(entries):
+            chunk = entries[start:start + window]
+            expect = _U64(first)
+            if has_host:
+                expect = expect + self._steps[start:start + len(chunk)]
+            # the first mismatch, found without argmin(), which releases the GIL and may
+            # wait to get it back from an I/O thread
+            brk = ((chunk & _RUN_MASK) == expect).tobytes().find(0)
+            if brk >= 0:
+                return start + brk
+            start += len(chunk)
+            window = len(entries)
+        return len(entries)
 
     def _lookup_one(self, e: int, offset: int, length: int, slc: Slice, idx: int) -> Run:
         """lookup() within one cluster of a standard L2 table, without numpy (hot path)."""
@@ -445,7 +466,8 @@ class ClusterMap:
         n = (end - 1) // cs - gc + 1
         if (not self.extended and offset % cs == 0 and end % cs == 0
                 and not slc.table[idx:idx + n].any()):
-            return await self._allocate_whole(slc, idx, n, data[:length], write_host)
+            return await self._allocate_whole(gc, n, data[:length], write_host,
+                                              final=length == len(data))
         entries = slc.table[idx:idx + n].copy()
         kind, _ = self.classify(entries, slc.offset, idx + self._slice_index_base(slc))
         kind = kind.reshape(n, self.upc)
@@ -512,15 +534,39 @@ class ClusterMap:
             await self._release(e0[need], "never")
         return length
 
-    async def _allocate_whole(self, slc: Slice, idx: int, n: int, data: memoryview,
-                              write_host) -> int:
+    async def _allocate_whole(self, gc: int, n: int, data: memoryview, write_host,
+                              final: bool) -> int:
         """allocating_write() of whole clusters that are all unallocated (entries 0): one
         contiguous allocation, one data write, the L2 entries set at once.  Nothing to copy
-        on write and no old cluster to release."""
+        on write and no old cluster to release.
+
+        Like qcow2_co_pwritev_task(), the data is written without the lock (the caller's,
+        held again on return): meanwhile the range is an allocation in flight, which
+        overlapping writes wait for (Qcow2Driver.lock_range()).  ``final``: the request ends
+        here, so its caller may be told that its allocation is done (io.write_allocated).
+        Returns 0, the clusters freed, if the entries changed meanwhile anyway: the caller
+        writes the range again.
+        """
         drv = self.drv
+        cs = self.cs
         await drv.before_allocation()
         base = await drv.refcounts.alloc_clusters(n)
-        await write_host(base, data)
+        in_flight = (gc * cs, (gc + n) * cs, asyncio.get_running_loop().create_future())
+        drv.allocs_in_flight.append(in_flight)
+        if final:
+            io.notify_write_allocated()
+        drv.lock.release()
+        try:
+            await write_host(base, data)
+        finally:
+            await drv.lock.acquire()
+            drv.allocs_in_flight.remove(in_flight)
+            in_flight[2].set_result(None)
+        slc = await self.get_writable_slice(gc)
+        idx = gc % self.slice_entries
+        if slc.table[idx:idx + n].any():
+            await drv.refcounts.free(base, n * cs)
+            return 0
         await drv.l2_depends_on_refcounts()
         slc.table[idx:idx + n] = self._steps[:n] + _U64(base | OFLAG_COPIED)
         drv.l2_cache.mark_dirty(slc.offset, slc.table)

@@ -1,13 +1,17 @@
 """The qcow2 format driver (QEMU block/qcow2.c).
 
 Requests interleave on one event loop; ``self.lock`` (QEMU's ``s->lock``) serialises every
-metadata lookup and change.  Reads and in-place writes drop the lock for their data I/O;
-allocating writes keep it until their L2 entries are in the cache, so two writes to the same
-unallocated cluster never both allocate.
+metadata lookup and change.  Reads and in-place writes drop the lock for their data I/O.
+An allocating write of whole unallocated clusters drops it too, between allocating the
+clusters and linking them in L2 (qcow2_alloc_cluster_offset() / qcow2_alloc_cluster_link_l2()):
+while its data is written the range is an allocation in flight, and writes, zero writes and
+discards that overlap it wait for it (QEMU's l2meta dependencies), so two writes to the same
+unallocated cluster never both allocate.  A crash in between only leaks the new clusters.
 """
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import os
 import struct
@@ -64,17 +68,26 @@ FIX_LEAKS = 1
 FIX_ERRORS = 2
 
 
-def _sorted_offsets(table: np.ndarray, mask: int) -> np.ndarray:
-    """The non-zero table offsets of an L1 or refcount table, sorted, as int64."""
+def _sorted_offsets(table: np.ndarray, mask: int) -> list[int]:
+    """The non-zero table offsets of an L1 or refcount table, sorted."""
     offsets = (table & np.uint64(mask)).astype(np.int64)
-    return np.sort(offsets[offsets != 0])
+    return np.sort(offsets[offsets != 0]).tolist()
 
 
-def _hits_sorted(offsets: np.ndarray, start: int, end: int, cs: int) -> bool:
-    """Whether a cluster starting at one of ``offsets`` overlaps [start, end)."""
-    i = int(np.searchsorted(offsets, end))
-    return i > 0 and int(offsets[i - 1]) + cs > start
+def _hits_sorted(offsets: list[int], start: int, end: int, cs: int) -> bool:
+    """Whether a cluster starting at one of ``offsets`` overlaps [start, end).
 
+    bisect on a list: it runs before every data write, and numpy's searchsorted releases the
+    GIL, then may wait to get it back from an I/O thread."""
+    i = bisect.bisect_left(offsets, end)
+    return i > 0 and offsets[i - 1] + cs > start
+
+
+# block-status bits as ints (IntFlag arithmetic is slow on the block-status path)
+_ST_DATA, _ST_ZERO = int(Status.DATA), int(Status.ZERO)
+_ST_OFFSET_VALID, _ST_COMPRESSED = int(Status.OFFSET_VALID), int(Status.COMPRESSED)
+_ST_RECURSE = int(Status.RECURSE)
+_WRITE_COMPRESSED, _FUA = int(ReqFlags.WRITE_COMPRESSED), int(ReqFlags.FUA)
 
 # how many clusters of one compressed write are compressed at the same time
 COMPRESS_WINDOW = 32
@@ -89,13 +102,15 @@ class Qcow2Driver(BlockDriver):
     async def open(self, node: Any, options: dict[str, Any]) -> None:
         await super().open(node, options)
         self.lock = asyncio.Lock()
+        # allocations whose data is being written without the lock: (start, end, done)
+        self.allocs_in_flight: list[tuple[int, int, asyncio.Future[None]]] = []
         self.unusable = False
         self.signaled_corruption = False
         self._corrupt_pending = False
         self._zcache: tuple[int, bytes] | None = None
         self._last_clean = time.monotonic()
         self.metadata_preallocation: bool | None = None
-        self._table_offsets: tuple[np.ndarray, np.ndarray] | None = None
+        self._table_offsets: tuple[list[int], list[int]] | None = None
         self.file = await open_child(node, options, "file", ROLE_IMAGE)
         node.filename = self.file.node.filename
         node.request_alignment = self.file.node.request_alignment
@@ -564,17 +579,31 @@ class Qcow2Driver(BlockDriver):
             return False
         return True
 
+    async def lock_range(self, offset: int, length: int) -> None:
+        """Take the lock once no allocation in flight overlaps [offset, offset+length)
+        (handle_dependencies()); the caller releases it."""
+        end = offset + length
+        while True:
+            await self.lock.acquire()
+            busy = next((done for start, stop, done in self.allocs_in_flight
+                         if start < end and offset < stop), None)
+            if busy is None:
+                return
+            self.lock.release()
+            await busy
+
     async def co_pwritev(self, offset: int, data: memoryview, flags: ReqFlags) -> None:
         await self._guard(self._pwritev(offset, data, flags))
 
     async def _pwritev(self, offset: int, data: memoryview, flags: ReqFlags) -> None:
         self._check_writable()
-        if flags & ReqFlags.WRITE_COMPRESSED:
+        bits = int(flags)  # plain int: IntFlag arithmetic is slow per request
+        if bits & _WRITE_COMPRESSED:
             await self._write_compressed(offset, data)
             return
         pos = 0
         while pos < len(data):
-            await self.lock.acquire()
+            await self.lock_range(offset + pos, len(data) - pos)
             try:
                 runs = await self.map.in_place_runs(offset + pos, len(data) - pos)
                 if runs is None:
@@ -587,7 +616,7 @@ class Qcow2Driver(BlockDriver):
                 await self._write_host(run.host, data[run.offset - offset:
                                                       run.offset - offset + run.length])
             pos = runs[-1].offset + runs[-1].length - offset
-        if flags & ReqFlags.FUA:
+        if bits & _FUA:
             await self.co_flush_to_os()
             await io.flush(self.file.node)
 
@@ -623,9 +652,12 @@ class Qcow2Driver(BlockDriver):
                 j = i + 1
                 while j < len(packed) and packed[j] is not None:
                     j += 1
-                async with self.lock:
+                await self.lock_range(offset + pos, (j - i) * cs)
+                try:
                     await self.map.write_compressed_entries(offset + pos, packed[i:j],
                                                             self._write_host)
+                finally:
+                    self.lock.release()
                 i = j
 
     async def co_pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
@@ -666,18 +698,24 @@ class Qcow2Driver(BlockDriver):
                 st, _ = await io.block_status_above(self.node, None, a, b - a)
                 if not st.status & Status.ZERO or st.pnum != b - a:
                     return False
-        async with self.lock:
+        await self.lock_range(u0, u1 - u0)
+        try:
             runs = await self.map.lookup(u0, u1 - u0)
             if any(r.kind not in (ZERO, UNALLOC) for r in runs):
                 return False
             await self._zeroize_locked(u0, u1 - u0, unmap)
+        finally:
+            self.lock.release()
         return True
 
     async def _zeroize(self, offset: int, length: int, unmap: bool) -> None:
         end = offset + length
         while offset < end:
-            async with self.lock:
+            await self.lock_range(offset, end - offset)
+            try:
                 n, done = await self._zeroize_locked(offset, end - offset, unmap)
+            finally:
+                self.lock.release()
             if not done:
                 await self._pwritev(offset, memoryview(bytes(n)), ReqFlags.NONE)
             offset += n
@@ -706,9 +744,12 @@ class Qcow2Driver(BlockDriver):
         stop = end if end >= self.header.size else end - end % cs
         pos = start
         while pos < stop:
-            async with self.lock:
+            await self.lock_range(pos, stop - pos)
+            try:
                 pos += await self.map.discard(pos, stop - pos, full, self.discard_no_unref,
                                               self.node.backing is not None)
+            finally:
+                self.lock.release()
 
     # -- flush, close ------------------------------------------------------------------------
 
@@ -784,25 +825,28 @@ class Qcow2Driver(BlockDriver):
             if self.metadata_preallocation is None:
                 self.metadata_preallocation = await self._detect_metadata_preallocation()
             run = (await self.map.lookup(offset, length, first_only=True))[0]
-        status = Status.NONE
         file = None
         host = 0
-        if run.kind == DATA or (run.kind in (ZERO, UNALLOC) and run.host):
-            status |= Status.OFFSET_VALID
+        kind = run.kind
+        if kind == DATA:
+            status = _ST_DATA | _ST_OFFSET_VALID
             host = run.host
             file = self.file.node
-        if run.kind == ZERO:
-            status |= Status.ZERO
-        elif run.kind in (DATA, COMPRESSED):
-            status |= Status.DATA
-        if run.kind == COMPRESSED:
-            status |= Status.COMPRESSED
-        if (self.metadata_preallocation and status & Status.DATA
-                and status & Status.OFFSET_VALID):
+        elif kind == COMPRESSED:
+            status = _ST_DATA | _ST_COMPRESSED
+        elif kind == ZERO:
+            status = _ST_ZERO
+        else:
+            status = 0
+        if kind in (ZERO, UNALLOC) and run.host:
+            status |= _ST_OFFSET_VALID
+            host = run.host
+            file = self.file.node
+        if self.metadata_preallocation and kind == DATA:
             # Like qcow2_co_block_status(): only with metadata preallocation (more clusters
             # in use than the file holds) does the generic layer look for holes in the file.
-            status |= Status.RECURSE
-        return BlockStatus(status, run.length, host, file)
+            status |= _ST_RECURSE
+        return BlockStatus(Status(status), run.length, host, file)
 
     async def _detect_metadata_preallocation(self) -> bool:
         """qcow2_detect_metadata_preallocation(): more clusters used than the file holds."""
@@ -838,10 +882,14 @@ class Qcow2Driver(BlockDriver):
         cs = h.cluster_size
         if length < old:
             await self._pdiscard(-(-length // cs) * cs, old - -(-length // cs) * cs, full=True)
-            async with self.lock:
+            # no allocation in flight may link clusters past the new end afterwards
+            await self.lock_range(length, old - length)
+            try:
                 await self._shrink_l1(h.size_to_l1(length))
                 await self.refcounts.shrink_table()
                 await self._truncate_file_tail()
+            finally:
+                self.lock.release()
         async with self.lock:
             try:
                 await self.map.grow_l1(h.size_to_l1(length), exact=True)
