@@ -10,7 +10,7 @@ from typing import Any
 
 from qblock.cli import imgfmt
 from qblock.cli.imgprogress import Progress
-from qblock.cli.imgerr import CommandFailed, error, error_exit, getopt_args
+from qblock.cli.imgerr import error, error_exit, getopt_args
 from qblock.cli.imgresize import open_writable
 from qblock.drivers.qcow2.amend import amend_options
 from qblock.errors import QBlockError
@@ -96,13 +96,6 @@ def _has_help(text: str) -> bool:
 
 async def cmd_amend(argv: list[str]) -> int:
     """qemu-img amend [-f fmt] [-t cache] [-p] [-q] [--force] -o OPTIONS FILE."""
-    try:
-        return await _cmd_amend(argv)
-    except CommandFailed:
-        return 1
-
-
-async def _cmd_amend(argv: list[str]) -> int:
     opts, args = getopt_args(argv, "ho:f:t:pq", ["help", "object=", "image-opts", "force"])
     options = fmt = None
     cache, progress, quiet, image_opts = "writeback", False, False, False

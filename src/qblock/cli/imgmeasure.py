@@ -307,13 +307,6 @@ async def _open_source(filename: str, fmt: str | None, image_opts: bool,
 
 async def cmd_measure(argv: list[str]) -> int:
     """qemu-img measure [--output=ofmt] [-O fmt] [-o opts] [--size N | [-f fmt] FILE]."""
-    try:
-        return await _cmd_measure(argv)
-    except CommandFailed:
-        return 1
-
-
-async def _cmd_measure(argv: list[str]) -> int:
     opts, args = getopt_args(argv, "hf:O:o:l:U", ["help", "image-opts", "object=", "output=",
                                                   "size=", "force-share"])
     fmt = snapshot = options = None

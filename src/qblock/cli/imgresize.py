@@ -109,13 +109,6 @@ def _int64(value: int) -> int:
 
 async def cmd_resize(argv: list[str]) -> int:
     """qemu-img resize [--image-opts] [-f fmt] [--preallocation=P] [-q] [--shrink] FILE SIZE."""
-    try:
-        return await _cmd_resize(argv)
-    except CommandFailed:
-        return 1
-
-
-async def _cmd_resize(argv: list[str]) -> int:
     if len(argv) < 2:
         raise error_exit("Not enough arguments")
     size = argv[-1]  # taken off first, so that "-1G" is not read as an option
