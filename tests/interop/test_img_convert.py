@@ -28,7 +28,7 @@ def ours(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, st
     capsys.readouterr()
     rc = main(["img", "convert", *map(str, args)])
     out, err = capsys.readouterr()
-    return rc, out, err.replace("qblock-img: ", "qemu-img: ")
+    return rc, out, err.replace("qblock-img", "qemu-img")
 
 
 def theirs(qemu_tool: Tool, *args: str | Path) -> tuple[int, str, str]:
@@ -150,6 +150,8 @@ ERRORS = [
     ["-t", "bogus", "r.raw", "x.raw"],
     ["-T", "bogus", "r.raw", "x.raw"],
     ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "r.raw", "top.qcow2", "x.qcow2"],
+    ["-x", "r.raw", "x.raw"],
+    ["r.raw", "x.raw", "-O"],
 ]
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import getopt
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,11 +28,11 @@ import numpy as np
 from qblock import api
 from qblock.block import io
 from qblock.cli import imgcreate, imgfmt
+from qblock.cli.imgerr import error, getopt_args
 from qblock.cli.imgprogress import Progress
 from qblock.drivers.base import ReqFlags, Status
 from qblock.errors import QBlockError
 
-PROG = "qblock-img"
 SECTOR = 512
 IO_BUF_SECTORS = 2 * 1024 * 1024 // SECTOR  # qemu-img.c IO_BUF_SIZE
 MAX_BUF_SECTORS = 32768
@@ -393,18 +391,10 @@ class Options:
     args: list[str] = field(default_factory=list)
 
 
-def _error(msg: str) -> None:
-    print(f"{PROG}: {msg}", file=sys.stderr)
-
-
 def parse(argv: list[str]) -> Options | None:
     """img_convert()'s getopt loop and checks; None after printing an error."""
-    try:
-        pairs, args = getopt.gnu_getopt(argv, "hf:O:B:b:F:co:S:pt:T:qnm:WU",
-                                        ["help", "force-share", "target-is-zero"])
-    except getopt.GetoptError as e:
-        _error(e.msg)
-        return None
+    pairs, args = getopt_args(argv, "hf:O:B:b:F:co:S:pt:T:qnm:WU",
+                              ["help", "force-share", "target-is-zero"])
     o = Options(args=args)
     for opt, val in pairs:
         if opt == "-f":
@@ -426,16 +416,16 @@ def parse(argv: list[str]) -> Options | None:
             try:
                 sval = imgfmt.parse_size(val)
             except (ValueError, OverflowError):
-                _error(f"Invalid buffer size for sparse output specified: '{val}'")
+                error(f"Invalid buffer size for sparse output specified: '{val}'")
                 return None
             if sval % SECTOR or sval // SECTOR > MAX_BUF_SECTORS:
-                _error("Invalid buffer size for sparse output specified. Valid sizes are "
-                       f"multiples of {SECTOR} up to {MAX_BUF_SECTORS * SECTOR}. Select 0 to "
-                       "disable sparse detection (fully allocates output).")
+                error("Invalid buffer size for sparse output specified. Valid sizes are "
+                      f"multiples of {SECTOR} up to {MAX_BUF_SECTORS * SECTOR}. Select 0 to "
+                      "disable sparse detection (fully allocates output).")
                 return None
             o.min_sparse = sval // SECTOR
         elif opt in ("-t", "-T") and val not in CACHE_MODES:
-            _error(f"Invalid {'source ' if opt == '-T' else ''}cache option: {val}")
+            error(f"Invalid {'source ' if opt == '-T' else ''}cache option: {val}")
             return None
         elif opt == "-t":
             o.cache = val
@@ -453,8 +443,8 @@ def parse(argv: list[str]) -> Options | None:
             except ValueError:
                 o.num_workers = 0
             if not 1 <= o.num_workers <= MAX_COROUTINES:
-                _error("Invalid number of coroutines. Allowed number of coroutines is "
-                       f"between 1 and {MAX_COROUTINES}")
+                error("Invalid number of coroutines. Allowed number of coroutines is "
+                      f"between 1 and {MAX_COROUTINES}")
                 return None
         elif opt == "-W":
             o.in_order = False
@@ -466,13 +456,13 @@ def parse(argv: list[str]) -> Options | None:
             print(__doc__)
             return None
     if o.skip_create and o.has_opts:
-        _error("-o has no effect when skipping image creation")
+        error("-o has no effect when skipping image creation")
         return None
     if o.target_is_zero and not o.skip_create:
-        _error("--target-is-zero requires use of -n flag")
+        error("--target-is-zero requires use of -n flag")
         return None
     if len(o.args) < 2:
-        _error("Must specify image file name")
+        error("Must specify image file name")
         return None
     o.progress = Progress.wanted(o.progress, o.quiet)
     return o
@@ -595,6 +585,6 @@ async def cmd_convert(argv: list[str]) -> int:
     try:
         await _convert(o)
     except ConvertError as e:
-        _error(str(e))
+        error(str(e))
         return 1
     return 0
