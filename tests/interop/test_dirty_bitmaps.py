@@ -245,7 +245,8 @@ CLI_STEPS = [
     ["--add", "-g", "1000"], ["--add", "-g", "1000x"], ["--clear"], ["--merge", "nosuch"], [],
     ["--add", "--add"], ["--add", "-g", "4k", "--disable"], ["--merge", "b512"],
     ["--enable", "--clear"], ["--merge", "b512", "-F", "qcow2"], ["--remove"], ["--remove"],
-    ["--add", "-g", "512"], ["--merge", "b512", "-b", "{src}"], ["--disable"],
+    ["--add", "-g", "512"], ["--merge", "b512", "-b", "{src}"], ["--disable"], ["--add", "-x"],
+    ["--add", "-g"],
 ]
 
 

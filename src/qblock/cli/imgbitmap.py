@@ -5,17 +5,15 @@ marked all dirty and stored consistent again; QEMU's only way out is ``--remove`
 """
 from __future__ import annotations
 
-import getopt
-import sys
 
 from qblock.block import dirty_bitmap as dbm
 from qblock.block.dirty_bitmap import DirtyBitmap, find_bitmap
 from qblock.block.node import BlockNode, close_node
 from qblock.block.open import open_node
 from qblock.cli import imgfmt
+from qblock.cli.imgerr import PROG, error, getopt_args
 from qblock.errors import InvalidArgument, QBlockError
 
-PROG = "qblock-img"
 _LONG = ["help", "add", "remove", "clear", "enable", "disable", "merge=", "repair",
          "granularity=", "source-file=", "source-format="]
 _ACTIONS = {"--add": "add", "--remove": "remove", "--clear": "clear", "--enable": "enable",
@@ -26,7 +24,8 @@ USAGE = ("bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --dis
 
 
 def _error(msg: str) -> int:
-    print(f"{PROG}: {msg}", file=sys.stderr)
+    """Report and give the command's exit status."""
+    error(msg)
     return 1
 
 
@@ -41,10 +40,7 @@ async def _open(filename: str, fmt: str | None, *, read_only: bool) -> BlockNode
 
 async def main(argv: list[str]) -> int:
     """Apply the actions in their order; exit status 1 on the first failure."""
-    try:
-        opts, args = getopt.gnu_getopt(argv, "b:f:F:g:h", _LONG)
-    except getopt.GetoptError as e:
-        return _error(f"{e.msg}\nTry '{PROG} --help' for more information")
+    opts, args = getopt_args(argv, "b:f:F:g:h", _LONG)
     actions: list[tuple[str, str]] = []
     fmt = src_file = src_fmt = None
     granularity = 0
