@@ -146,12 +146,7 @@ async def read_f(s: Session, disk: api.AsyncDisk, opts: dict[str, str], args: li
         if buf[p_off:p_off + p_len] != bytes([pattern]) * p_len:
             print(f"Pattern verification failed at offset {offset + p_off}, {p_len} bytes")
             ret = -errno.EINVAL
-    if "-q" in opts:
-        return ret
-    if "-v" in opts:
-        sys.stdout.write(dump_buffer(buf, offset))
-    sys.stdout.write(report("read", secs, offset, count, count, 1))
-    return ret
+    return _read_report(opts, buf, offset, secs, ret)
 
 
 async def readv_f(s: Session, disk: api.AsyncDisk, opts: dict[str, str],
@@ -167,11 +162,16 @@ async def readv_f(s: Session, disk: api.AsyncDisk, opts: dict[str, str],
     if "-P" in opts and buf != bytes([_pattern(opts["-P"])]) * count:
         print(f"Pattern verification failed at offset {offset}, {count} bytes")
         ret = -errno.EINVAL
-    if "-q" in opts:
-        return ret
-    if "-v" in opts:
-        sys.stdout.write(dump_buffer(buf, offset))
-    sys.stdout.write(report("read", secs, offset, count, count, 1))
+    return _read_report(opts, buf, offset, secs, ret)
+
+
+def _read_report(opts: dict[str, str], buf: bytearray, offset: int, secs: float,
+                 ret: int) -> int:
+    """What read and readv print after the data came in (-v dump, the timing line; -q none)."""
+    if "-q" not in opts:
+        if "-v" in opts:
+            sys.stdout.write(dump_buffer(buf, offset))
+        sys.stdout.write(report("read", secs, offset, len(buf), len(buf), 1))
     return ret
 
 
