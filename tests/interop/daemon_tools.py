@@ -43,9 +43,11 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None) -> 
 
 
 @contextmanager
-def running(argv: Sequence[str], sock: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a daemon until the block ends; always stopped (SIGTERM, then SIGKILL)."""
-    proc = subprocess.Popen(list(argv), env=env(), stdout=subprocess.PIPE,
+def running(argv: Sequence[str], sock: Path,
+            cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a daemon (in ``cwd``) until the block ends; always stopped (SIGTERM, then
+    SIGKILL)."""
+    proc = subprocess.Popen(list(argv), env=env(), cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
         wait_for_socket(sock, proc)

@@ -12,18 +12,18 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
+
+from daemon_tools import running
 
 pytestmark = pytest.mark.interop
 
@@ -56,27 +56,8 @@ def daemon(kind: str, workdir: Path, args: list[str]) -> Iterator[Path]:
     argv = [*_daemon_argv(kind), *args,
             "--chardev", f"socket,path={sock},server=on,wait=off,id=mon0",
             "--monitor", "chardev=mon0"]
-    proc = subprocess.Popen(argv, cwd=workdir, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None:
-                out, err = proc.communicate()
-                pytest.fail(f"{kind} exited {proc.returncode}: {err.decode()}{out.decode()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{kind} did not create {sock}")
-            time.sleep(0.05)
+    with running(argv, sock, cwd=workdir):
         yield sock
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.communicate()
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
