@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -20,6 +20,31 @@ QSD = shutil.which("qemu-storage-daemon")
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 START_TIMEOUT = 20
 T = TypeVar("T")
+
+
+def graph_shape(graph: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """x-debug-query-block-graph as edges by node name (implicit #block names masked) with
+    their permissions, sorted: comparable between daemons."""
+    names = {n["id"]: ("#block" if n["name"].startswith("#block") else n["name"], n["type"])
+             for n in graph["nodes"]}
+    return sorted((names[e["parent"]], names[e["child"]], e["name"], sorted(e["perm"]),
+                   sorted(e["shared-perm"])) for e in graph["edges"])
+
+
+def event_waiter(client: Any, events: list[dict[str, Any]],
+                 timeout: float = 30) -> Callable[..., Awaitable[None]]:
+    """``await until(NAME, **match)``: record every event of a QMPClient into ``events``
+    until one named NAME arrives whose data holds the ``match`` values."""
+    async def until(name: str, **match: Any) -> None:
+        async def wait() -> None:
+            while True:
+                ev = await client.events.get()
+                data = ev.get("data", {})
+                events.append({"event": ev["event"], "data": data})
+                if ev["event"] == name and all(data.get(k) == v for k, v in match.items()):
+                    return
+        await asyncio.wait_for(wait(), timeout)
+    return until
 
 
 def qblock_daemon_argv(*args: str) -> list[str]:

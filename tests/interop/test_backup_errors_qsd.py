@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import test_job_errors_qsd as job_errors
-from daemon_tools import on_both_daemons
+from daemon_tools import event_waiter, on_both_daemons
 from test_backup_qsd import without_drain_pauses
 
 qmp = pytest.importorskip("qemu.qmp")
@@ -54,7 +54,7 @@ def script(side: str, policy: str, errno: str,  # type: ignore[no-untyped-def]
         await client.connect(str(sock))
         events: list[dict[str, Any]] = []
         out: dict[str, Any] = {"events": events}
-        until = job_errors.event_waiter(client, events)
+        until = event_waiter(client, events)
         try:
             ex = client.execute
             fail = rule(side, errno)
@@ -72,12 +72,12 @@ def script(side: str, policy: str, errno: str,  # type: ignore[no-untyped-def]
                                          "sync": "full", f"on-{side}-error": policy})
             if stops:
                 await until("BLOCK_JOB_ERROR")  # not the pause of a drained section before it
-                await until("JOB_STATUS_CHANGE", "paused")
+                await until("JOB_STATUS_CHANGE", status="paused")
                 out["paused"] = await ex("query-block-jobs")
                 if guest:
                     out["guest"] = await asyncio.to_thread(guest_io, d, *guest)
                 await ex("block-job-resume", {"device": "job0"})
-            await until("JOB_STATUS_CHANGE", "null")
+            await until("JOB_STATUS_CHANGE", status="null")
             out["events"] = without_drain_pauses(events)
         finally:
             await client.disconnect()

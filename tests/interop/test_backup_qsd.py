@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from daemon_tools import on_both_daemons
+from daemon_tools import graph_shape, on_both_daemons
 
 qmp = pytest.importorskip("qemu.qmp")
 pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None
@@ -36,13 +36,6 @@ def make_images(d: Path) -> None:
             "8M" if name == "big" else SIZE)
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 2M 512k",
         str(d / "src.qcow2"))
-
-
-def graph_shape(graph: dict[str, Any]) -> list[tuple[Any, ...]]:
-    names = {n["id"]: ("#block" if n["name"].startswith("#block") else n["name"], n["type"])
-             for n in graph["nodes"]}
-    return sorted((names[e["parent"]], names[e["child"]], e["name"], sorted(e["perm"]),
-                   sorted(e["shared-perm"])) for e in graph["edges"])
 
 
 def backup(job: str, target: str, sync: str, **extra: Any) -> dict[str, Any]:

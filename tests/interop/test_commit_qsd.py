@@ -11,7 +11,6 @@ base images with equal content (qemu-img compare) that qemu-img check finds clea
 """
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from daemon_tools import on_both_daemons
+from daemon_tools import event_waiter, graph_shape, on_both_daemons
 
 qmp = pytest.importorskip("qemu.qmp")
 pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None
@@ -44,14 +43,6 @@ def make_chain(d: Path) -> None:
             str(d / f"{name}.qcow2"))
 
 
-def graph_shape(graph: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Edges by node name (implicit names masked) with their permissions, sorted."""
-    names = {n["id"]: ("#block" if n["name"].startswith("#block") else n["name"], n["type"])
-             for n in graph["nodes"]}
-    return sorted((names[e["parent"]], names[e["child"]], e["name"], sorted(e["perm"]),
-                   sorted(e["shared-perm"])) for e in graph["edges"])
-
-
 async def drive(sock: Path, d: Path) -> dict[str, Any]:
     """Run the script; return events and the graphs after each step."""
     client = qmp.QMPClient("test")
@@ -59,16 +50,7 @@ async def drive(sock: Path, d: Path) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     out: dict[str, Any] = {"events": events, "graphs": []}
 
-    async def until(name: str, job: str) -> None:
-        async def wait() -> None:
-            while True:
-                ev = await client.events.get()
-                events.append({"event": ev["event"], "data": ev.get("data", {})})
-                data = ev.get("data", {})
-                if ev["event"] == name and job in (data.get("id"), data.get("device")):
-                    if name != "JOB_STATUS_CHANGE" or data["status"] == "null":
-                        return
-        await asyncio.wait_for(wait(), TIMEOUT)
+    until = event_waiter(client, events, TIMEOUT)
 
     async def graph() -> None:
         out["graphs"].append(graph_shape(await client.execute("x-debug-query-block-graph")))
@@ -87,15 +69,15 @@ async def drive(sock: Path, d: Path) -> dict[str, Any]:
         await graph()
         await ex("block-commit", {"device": "over01", "job-id": "jobI", "top-node": "mid01",
                                   "base-node": "drive01"})
-        await until("JOB_STATUS_CHANGE", "jobI")
+        await until("JOB_STATUS_CHANGE", id="jobI", status="null")
         await graph()
         await ex("block-commit", {"device": "over01", "job-id": "jobA"})
-        await until("BLOCK_JOB_READY", "jobA")
+        await until("BLOCK_JOB_READY", device="jobA")
         out["jobs"] = await ex("query-jobs")
         out["block-jobs"] = await ex("query-block-jobs")
         await graph()
         await ex("block-job-complete", {"device": "jobA"})
-        await until("JOB_STATUS_CHANGE", "jobA")
+        await until("JOB_STATUS_CHANGE", id="jobA", status="null")
         await graph()
     finally:
         await client.disconnect()

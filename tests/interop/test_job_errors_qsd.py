@@ -12,16 +12,14 @@ compared the same way for report, ignore and stop.
 """
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from daemon_tools import on_both_daemons
+from daemon_tools import event_waiter, on_both_daemons
 
 qmp = pytest.importorskip("qemu.qmp")
 pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None
@@ -48,20 +46,6 @@ def node(d: Path, name: str, rule: dict[str, Any] | None) -> dict[str, Any]:
     return {"driver": "raw", "node-name": name, "file": proto}
 
 
-def event_waiter(client: qmp.QMPClient, events: list[dict[str, Any]]) -> Callable[..., Any]:
-    """``await until(NAME[, status])``: record events into ``events`` until that one arrives."""
-    async def until(name: str, status: str | None = None) -> None:
-        async def wait() -> None:
-            while True:
-                ev = await client.events.get()
-                data = ev.get("data", {})
-                events.append({"event": ev["event"], "data": data})
-                if ev["event"] == name and (status is None or data.get("status") == status):
-                    return
-        await asyncio.wait_for(wait(), TIMEOUT)
-    return until
-
-
 def script(side: str, policy: str, errno: str):  # type: ignore[no-untyped-def]
     """The QMP script for one case: fail once at 512K on ``side``, with ``policy``."""
     event, iotype = ("write_aio", "write") if side == "target" else ("read_aio", "read")
@@ -83,16 +67,16 @@ def script(side: str, policy: str, errno: str):  # type: ignore[no-untyped-def]
             await ex("blockdev-mirror", {"job-id": "job0", "device": "src", "target": "tgt",
                                          "sync": "full", f"on-{side}-error": policy})
             if policy == "stop" or (policy in ("enospc", "auto") and errno == "ENOSPC"):
-                await until("JOB_STATUS_CHANGE", "paused")
+                await until("JOB_STATUS_CHANGE", status="paused")
                 out["paused"] = await ex("query-block-jobs")
                 await ex("block-job-resume", {"device": "job0"})
-                await until("JOB_STATUS_CHANGE", "running")
+                await until("JOB_STATUS_CHANGE", status="running")
                 # the copy races the query after resuming: only the cleared io-status is stable
                 out["resumed"] = [j["io-status"] for j in await ex("query-block-jobs")]
             ready = await _ready_or_end(until, events)
             if ready:
                 await ex("block-job-complete", {"device": "job0"})
-                await until("JOB_STATUS_CHANGE", "null")
+                await until("JOB_STATUS_CHANGE", status="null")
         finally:
             await client.disconnect()
         return out
@@ -160,10 +144,10 @@ def chain_script(job: str, policy: str):  # type: ignore[no-untyped-def]
                                                    "filename": str(d / f"{name}.qcow2")}})
             await ex(*cmd)
             if policy == "stop":
-                await until("JOB_STATUS_CHANGE", "paused")
+                await until("JOB_STATUS_CHANGE", status="paused")
                 out["paused"] = await ex("query-block-jobs")
                 await ex("block-job-resume", {"device": "job0"})
-            await until("JOB_STATUS_CHANGE", "null")
+            await until("JOB_STATUS_CHANGE", status="null")
         finally:
             await client.disconnect()
         return out

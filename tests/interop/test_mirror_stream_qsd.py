@@ -12,7 +12,6 @@ errors of bad requests.
 """
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from daemon_tools import on_both_daemons
-from test_commit_qsd import graph_shape, make_chain
+from daemon_tools import event_waiter, graph_shape, on_both_daemons
+from test_commit_qsd import make_chain
 
 qmp = pytest.importorskip("qemu.qmp")
 pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None
@@ -56,16 +55,7 @@ async def drive(sock: Path, d: Path) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     out: dict[str, Any] = {"events": events, "graphs": [], "block-jobs": []}
 
-    async def until(name: str, job: str) -> None:
-        async def wait() -> None:
-            while True:
-                ev = await client.events.get()
-                data = ev.get("data", {})
-                events.append({"event": ev["event"], "data": data})
-                if ev["event"] == name and job in (data.get("id"), data.get("device")):
-                    if name != "JOB_STATUS_CHANGE" or data["status"] == "null":
-                        return
-        await asyncio.wait_for(wait(), TIMEOUT)
+    until = event_waiter(client, events, TIMEOUT)
 
     async def graph() -> None:
         out["graphs"].append(graph_shape(await client.execute("x-debug-query-block-graph")))
@@ -74,7 +64,7 @@ async def drive(sock: Path, d: Path) -> dict[str, Any]:
         ex = client.execute
         await open_chain(client, d)
         await ex("block-stream", {"job-id": "jobS", "device": "over01", "base-node": "drive01"})
-        await until("JOB_STATUS_CHANGE", "jobS")
+        await until("JOB_STATUS_CHANGE", id="jobS", status="null")
         await graph()
         for name, backing in (("tgt01", None), ("tgt02", "drive01")):
             await ex("blockdev-add", {"driver": "qcow2", "node-name": name, "backing": backing,
@@ -83,27 +73,27 @@ async def drive(sock: Path, d: Path) -> dict[str, Any]:
                                                                f"{name[4:].strip('1')}.qcow2")}})
         await ex("blockdev-mirror", {"job-id": "jobM", "device": "over01", "target": "tgt01",
                                      "sync": "full"})
-        await until("BLOCK_JOB_READY", "jobM")
+        await until("BLOCK_JOB_READY", device="jobM")
         out["block-jobs"].append(await ex("query-block-jobs"))
         await graph()
         await ex("block-job-complete", {"device": "jobM"})
-        await until("JOB_STATUS_CHANGE", "jobM")
+        await until("JOB_STATUS_CHANGE", id="jobM", status="null")
         await graph()
         await ex("blockdev-mirror", {"job-id": "jobC", "device": "over01", "target": "tgt02",
                                      "sync": "top"})
-        await until("BLOCK_JOB_READY", "jobC")
+        await until("BLOCK_JOB_READY", device="jobC")
         out["block-jobs"].append(await ex("query-block-jobs"))
         await ex("block-job-cancel", {"device": "jobC"})
-        await until("JOB_STATUS_CHANGE", "jobC")
+        await until("JOB_STATUS_CHANGE", id="jobC", status="null")
         await graph()
         await ex("drive-mirror", {"job-id": "jobD", "device": "over01", "sync": "top",
                                   "target": str(d / "dm.qcow2"), "format": "qcow2",
                                   "node-name": "dm01"})
-        await until("BLOCK_JOB_READY", "jobD")
+        await until("BLOCK_JOB_READY", device="jobD")
         out["block-jobs"].append(await ex("query-block-jobs"))
         await graph()
         await ex("block-job-complete", {"device": "jobD"})
-        await until("JOB_STATUS_CHANGE", "jobD")
+        await until("JOB_STATUS_CHANGE", id="jobD", status="null")
         await graph()
         out["dm01"] = [(n["node-name"], n["ro"], n["image"].get("backing-filename"))
                        for n in await ex("query-named-block-nodes")

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from daemon_tools import qblock, qsd, running
+from daemon_tools import event_waiter, graph_shape, qblock, qsd, running
 
 qmp = pytest.importorskip("qemu.qmp")
 QMP_SHELL = shutil.which("qmp-shell", path=str(Path(sys.executable).parent)) or \
@@ -83,14 +83,6 @@ def daemon_args(d: Path) -> list[str]:
     ]
 
 
-def graph_shape(graph: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Edges by node name (implicit #block names masked) with permissions, sorted."""
-    names = {n["id"]: ("#block" if n["name"].startswith("#block") else n["name"], n["type"])
-             for n in graph["nodes"]}
-    return sorted((names[e["parent"]], names[e["child"]], e["name"], sorted(e["perm"]),
-                   sorted(e["shared-perm"])) for e in graph["edges"])
-
-
 def shell(d: Path, *commands: str) -> list[dict[str, Any]]:
     """Feed ``commands`` to qmp-shell on stdin; return the QMP replies it printed."""
     proc = subprocess.run([QMP_SHELL, str(d / "shell.sock")], input="\n".join(commands) + "\n",
@@ -120,15 +112,7 @@ async def scenario(sock: Path, d: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"events": events, "graphs": []}
     quitting = False
 
-    async def until(name: str, **match: str) -> None:
-        async def wait() -> None:
-            while True:
-                ev = await client.events.get()
-                data = ev.get("data", {})
-                events.append({"event": ev["event"], "data": data})
-                if ev["event"] == name and all(data.get(k) == v for k, v in match.items()):
-                    return
-        await asyncio.wait_for(wait(), TIMEOUT)
+    until = event_waiter(client, events, TIMEOUT)
 
     async def graph() -> list[tuple[Any, ...]]:
         shape = graph_shape(await client.execute("x-debug-query-block-graph"))
