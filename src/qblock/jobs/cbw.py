@@ -20,6 +20,7 @@ from qblock.block.node import BlockNode, close_node, registry
 from qblock.block.perm import PERM_ALL, ROLE_FILTER, Perm, Role
 from qblock.drivers.base import BlockDriver, BlockStatus, ReqFlags, Status
 from qblock.errors import QBlockError
+from qblock.jobs.filter import insert_node
 
 MAX_COPY = 1 << 20  # block-copy.c BLOCK_COPY_MAX_BUFFER
 
@@ -238,24 +239,9 @@ class CopyBeforeWriteDriver(BlockDriver):
 def cbw_append(source: BlockNode, target: BlockNode, node_name: str | None,
                cluster_size: int, keep: list[BdrvChild], compress: bool = False) -> BlockNode:
     """bdrv_cbw_append(): the filter above ``source``; its parents (but ``keep``) move up."""
-    drv = CopyBeforeWriteDriver(BlockCopy(source, target, cluster_size, compress))
-    node = BlockNode(drv, {"driver": "copy-before-write"}, node_name=node_name)
-    drv.node = node
-    node.filename = source.filename
-    node.request_alignment = source.request_alignment
-    registry.add(node)
-    try:
-        node.add_child(source, "file", ROLE_FILTER)
-        node.add_child(target, "target", Role.DATA)
-        replace_node(source, node, keep=keep)
-    except Exception:
-        for name in ("target", "file"):
-            if node.child(name) is not None:
-                node.remove_child(name)
-        registry.remove(node)
-        node.closed = True
-        raise
-    return node
+    return insert_node(CopyBeforeWriteDriver(BlockCopy(source, target, cluster_size, compress)),
+                       "copy-before-write", source, node_name,
+                       [(source, "file", ROLE_FILTER), (target, "target", Role.DATA)], keep)
 
 
 def cbw_detach(node: BlockNode, keep: list[BdrvChild]) -> None:

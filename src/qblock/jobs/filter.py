@@ -14,7 +14,7 @@ from typing import Any
 from qblock.block import io
 from qblock.block.graph import BdrvChild, replace_node
 from qblock.block.node import BlockNode, close_node, registry
-from qblock.block.perm import PERM_ALL, PERM_NONE, ROLE_FILTER, Perm
+from qblock.block.perm import PERM_ALL, PERM_NONE, ROLE_FILTER, Perm, Role
 from qblock.drivers.base import BlockDriver, BlockStatus, ReqFlags, Status
 
 
@@ -105,24 +105,35 @@ class FilterTopDriver(BlockDriver):
         self._open.set()
 
 
-def insert_filter(name: str, top: BlockNode, node_name: str | None, *, takes_perms: bool,
-                  keep: list[BdrvChild]) -> BlockNode:
-    """Create the filter above ``top`` and move ``top``'s parents (but ``keep``) onto it."""
-    drv = FilterTopDriver(name, takes_perms=takes_perms)
-    node = BlockNode(drv, {"driver": name}, node_name=node_name)
+def insert_node(drv: BlockDriver, driver_name: str, top: BlockNode, node_name: str | None,
+                children: list[tuple[BlockNode, str, Role]],
+                keep: list[BdrvChild]) -> BlockNode:
+    """bdrv_insert_node(): a new node on ``drv`` with ``children`` takes over ``top``'s
+    parents (but ``keep``); on failure nothing of it stays in the graph."""
+    node = BlockNode(drv, {"driver": driver_name}, node_name=node_name)
     drv.node = node
     node.filename = top.filename
     node.request_alignment = top.request_alignment
     registry.add(node)
     try:
-        node.add_child(top, "backing", ROLE_FILTER)
+        for child, name, role in children:
+            node.add_child(child, name, role)
         replace_node(top, node, keep=keep)
     except Exception:
-        if node.backing is not None:
-            node.remove_child("backing")
+        for _child, name, _role in children:
+            if node.child(name) is not None:
+                node.remove_child(name)
         registry.remove(node)
+        node.closed = True
         raise
     return node
+
+
+def insert_filter(name: str, top: BlockNode, node_name: str | None, *, takes_perms: bool,
+                  keep: list[BdrvChild]) -> BlockNode:
+    """Create the filter above ``top`` and move ``top``'s parents (but ``keep``) onto it."""
+    return insert_node(FilterTopDriver(name, takes_perms=takes_perms), name, top, node_name,
+                       [(top, "backing", ROLE_FILTER)], keep)
 
 
 def undo_insert(node: BlockNode) -> None:

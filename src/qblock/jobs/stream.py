@@ -17,6 +17,7 @@ from qblock.block.perm import PERM_ALL, PERM_NONE, ROLE_FILTER, Perm
 from qblock.drivers.base import BlockDriver, BlockStatus, ReqFlags, Status
 from qblock.errors import QBlockError
 from qblock.jobs.blockjob import BlockJob
+from qblock.jobs.filter import insert_node
 
 STREAM_CHUNK = 512 * 1024  # stream.c STREAM_CHUNK
 BASIC_FLAGS = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED  # stream.c basic_flags
@@ -102,22 +103,8 @@ class CopyOnReadDriver(BlockDriver):
 
 def insert_cor_filter(top: BlockNode, bottom: BlockNode, node_name: str | None) -> BlockNode:
     """bdrv_insert_node(): a copy-on-read node above ``top`` takes over its parents."""
-    drv = CopyOnReadDriver(bottom)
-    node = BlockNode(drv, {"driver": "copy-on-read"}, node_name=node_name)
-    drv.node = node
-    node.filename = top.filename
-    node.request_alignment = top.request_alignment
-    registry.add(node)
-    try:
-        node.add_child(top, "file", ROLE_FILTER)
-        replace_node(top, node)
-    except Exception:
-        if node.file is not None:
-            node.remove_child("file")
-        registry.remove(node)
-        node.closed = True
-        raise
-    return node
+    return insert_node(CopyOnReadDriver(bottom), "copy-on-read", top, node_name,
+                       [(top, "file", ROLE_FILTER)], [])
 
 
 async def drop_cor_filter(node: BlockNode) -> None:
