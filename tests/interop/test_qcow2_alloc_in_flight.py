@@ -8,6 +8,7 @@ qemu-img check (no cluster allocated twice, nothing leaked).
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 import qblock
 from qblock import api
 from qblock.block import io
+from qblock.drivers.base import ReqFlags
 from tests.interop.qemu_tools import check, compare, create, requires_qemu
 
 pytestmark = [pytest.mark.interop, requires_qemu]
@@ -106,4 +108,34 @@ def test_allocation_hook_only_for_allocating_writes(tmp_path: Path) -> None:
     img = tmp_path / "h.qcow2"
     create(img, 8 * CS, cluster_size=CS)
     assert qblock.run(_hook_calls(img)) == [(0, True)]
+    assert check(img).clean
+
+
+async def _compressed_write_hook_calls(path: Path) -> int:
+    """A compressed write whose first cluster does not shrink (stored as is, through the
+    allocating path) and whose other clusters do: how often the hook ran."""
+    disk = await qblock.open_async(str(path))
+    calls = 0
+
+    def hook() -> None:
+        nonlocal calls
+        calls += 1
+
+    token = io.write_allocated.set(hook)
+    try:
+        data = os.urandom(CS) + _pattern(0x33, 3)
+        await disk.blk.pwritev(0, data, ReqFlags.WRITE_COMPRESSED)
+    finally:
+        io.write_allocated.reset(token)
+        await disk.close()
+    return calls
+
+
+def test_compressed_write_does_not_report_an_early_allocation(tmp_path: Path) -> None:
+    """The hook means "the whole request is allocated": a compressed request whose first
+    cluster is stored uncompressed must not fire it while its other clusters still have to be
+    placed (in-order convert -c would let the next chunk take their place)."""
+    img = tmp_path / "c.qcow2"
+    create(img, 8 * CS, cluster_size=CS)
+    assert qblock.run(_compressed_write_hook_calls(img)) == 0
     assert check(img).clean

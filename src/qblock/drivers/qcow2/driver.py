@@ -646,7 +646,12 @@ class Qcow2Driver(BlockDriver):
             while i < len(packed):  # clusters that do not shrink are stored as they are
                 pos = start + i * cs
                 if packed[i] is None:
-                    await self._pwritev(offset + pos, data[pos:pos + cs], ReqFlags.NONE)
+                    # one cluster of the request, not its end: no io.write_allocated news
+                    token = io.write_allocated.set(None)
+                    try:
+                        await self._pwritev(offset + pos, data[pos:pos + cs], ReqFlags.NONE)
+                    finally:
+                        io.write_allocated.reset(token)
                     i += 1
                     continue
                 j = i + 1
