@@ -34,6 +34,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench",
                                 description="qblock against QEMU's tools, same work, same files.")
@@ -48,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write every round's times (default bench/results/latest.json)")
     p.add_argument("--keep", action="store_true",
                    help="keep each scenario's files (images, worker specs) in --dir")
+    p.add_argument("--settle", type=non_negative_float, metavar="SECONDS",
+                   help="sync and pause this long before each timed run (default: each "
+                        "scenario's own, 0 for most; see README, Settling)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p
 
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             print(f"{name}: {registry[name].description}", file=sys.stderr)
             results.append(run_scenario(registry[name], base, args.size, args.rounds,
-                                        keep=args.keep))
+                                        keep=args.keep, settle=args.settle))
     print_table(results, args.rounds)
     write_json(results, args.json, rounds=args.rounds, workdir=base)
     print(f"\nresults: {args.json}")

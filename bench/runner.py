@@ -6,8 +6,10 @@ round is its start-up run (when the scenario has one) followed by the real run.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,6 +79,7 @@ class ScenarioResult:
 
     scenario: Scenario
     size: int
+    settle: float = 0.0
     sides: dict[str, SideSummary] = field(default_factory=dict)
     error: str | None = None
 
@@ -98,34 +101,48 @@ class ScenarioResult:
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"description": self.scenario.description,
                                "unit": self.scenario.unit, "size": self.size,
-                               "ratio": self.ratio, "ratio_wall": self.ratio_wall}
+                               "ratio": self.ratio, "ratio_wall": self.ratio_wall,
+                               "settle_s": self.settle}
         out.update({side: summary.as_json() for side, summary in self.sides.items()})
         if self.error:
             out["error"] = self.error
         return out
 
 
-def _run_side(scenario: Scenario, side: str, ctx: Context, rnd: int, position: int) -> RoundResult:
+def _settle(seconds: float) -> None:
+    """Start a timed run from a quiet machine: nothing dirty to write back, and memory freed
+    by the previous run given time to go where it goes (README, "Settling")."""
+    if seconds > 0:
+        os.sync()
+        time.sleep(seconds)
+
+
+def _run_side(scenario: Scenario, side: str, ctx: Context, rnd: int, position: int,
+              settle: float) -> RoundResult:
     startup_fn = scenario.startup_qblock if side == "qblock" else scenario.startup_qemu
     run_fn = scenario.run_qblock if side == "qblock" else scenario.run_qemu
     startup = startup_fn(ctx) if startup_fn is not None else None
+    _settle(settle)
     m = run_fn(ctx)
     return RoundResult(rnd, position, m.seconds, startup, m.invocations, m.amount, m.detail)
 
 
 def run_scenario(scenario: Scenario, base: Path, size: int, rounds: int, *, keep: bool = False,
-                 log: TextIO = sys.stderr) -> ScenarioResult:
-    """Set up, run ``rounds`` alternating rounds, tear down (always, unless ``keep``)."""
+                 settle: float | None = None, log: TextIO = sys.stderr) -> ScenarioResult:
+    """Set up, run ``rounds`` alternating rounds, tear down (always, unless ``keep``).
+
+    ``settle`` (default: the scenario's own) is the pause before each timed run.
+    """
     ctx = Context(dir=base / scenario.name, size=size)
     ctx.dir.mkdir(parents=True, exist_ok=True)
-    result = ScenarioResult(scenario, size)
+    result = ScenarioResult(scenario, size, settle=scenario.settle if settle is None else settle)
     per_side: dict[str, list[RoundResult]] = {side: [] for side in SIDES}
     try:
         scenario.setup(ctx)
         for rnd in range(rounds):
             order = SIDES if rnd % 2 == 0 else SIDES[::-1]
             for position, side in enumerate(order):
-                res = _run_side(scenario, side, ctx, rnd, position)
+                res = _run_side(scenario, side, ctx, rnd, position, result.settle)
                 per_side[side].append(res)
                 startup = "" if res.startup is None else f", start-up {res.startup:.3f} s"
                 print(f"  {scenario.name} round {rnd + 1}/{rounds} {side:<6} "

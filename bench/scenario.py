@@ -65,6 +65,9 @@ class Scenario:
     startup_qblock: StartupRunner | None = None
     startup_qemu: StartupRunner | None = None
     teardown: Callable[[Context], None] = _remove_dir
+    # Seconds to pause, after os.sync(), before each timed run (see bench/README.md,
+    # "Settling"); ``--settle`` overrides it.
+    settle: float = 0.0
 
     def __post_init__(self) -> None:
         if self.unit not in ("MiB/s", "IOPS"):

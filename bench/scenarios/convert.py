@@ -10,7 +10,8 @@ to a fresh target (the previous one is removed, untimed).  Throughput counts the
   full with compressible but not trivial data (text of random words: each 64 KiB cluster
   deflates to about 60 %); run it at ``--size 1G``, the size of issue 8.
 
-Start-up is the same command converting an empty 1 MiB qcow2 image.
+Start-up is the same command converting an empty 1 MiB qcow2 image.  The two uncompressed
+scenarios settle (sync, 3 s pause) before each timed run: see bench/README.md, "Settling".
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from bench.scenario import MIB, Context, Measurement, Runner, Scenario, StartupR
 from bench.workload import timed, worker_env
 
 PATTERN = 0x5A
+# Each run writes GiBs of new page cache and the previous run's deleted target freed as much:
+# back to back, runs alternate between fast and slow whatever the tool (README, "Settling").
+SETTLE = 3.0
 
 
 def _qemu_img(*args: str) -> None:
@@ -85,7 +89,7 @@ def _run(side: str, args: list[str], src_key: str, ctx: Context) -> float:
 
 
 def _scenario(name: str, description: str, args: list[str],
-              setup: Callable[[Context], None]) -> Scenario:
+              setup: Callable[[Context], None], settle: float = 0.0) -> Scenario:
     def run(side: str) -> Runner:
         return lambda ctx: Measurement(_run(side, args, "src", ctx), ctx.size,
                                        detail={"bytes": ctx.size})
@@ -96,13 +100,13 @@ def _scenario(name: str, description: str, args: list[str],
     return Scenario(
         name=name, description=description, unit="MiB/s", setup=setup,
         run_qblock=run("qblock"), run_qemu=run("qemu"),
-        startup_qblock=startup("qblock"), startup_qemu=startup("qemu"))
+        startup_qblock=startup("qblock"), startup_qemu=startup("qemu"), settle=settle)
 
 
 for _fmt in ("qcow2", "raw"):
     register(_scenario(f"convert-qcow2-to-{_fmt}",
                        f"convert a half-allocated qcow2 image to {_fmt} (vs qemu-img convert)",
-                       ["-O", _fmt], _setup))
+                       ["-O", _fmt], _setup, settle=SETTLE))
 register(_scenario("convert-compressed-1g",
                    "convert -c a raw image of text to compressed qcow2 (vs qemu-img convert)",
                    ["-c", "-O", "qcow2"], _setup_compressed))

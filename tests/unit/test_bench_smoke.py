@@ -1,11 +1,13 @@
 """The bench/ harness runs end to end, so it cannot rot.  Not a timed test: no speed asserted."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def test_one_round_of_every_scenario(tmp_path: Path) -> None:
     work = tmp_path / "work"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--rounds", "1", "--size", "8M", "--dir", str(work),
-         "--json", str(out)],
+         "--json", str(out), "--settle", "0"],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "ratio = QEMU time / qblock time" in proc.stdout
@@ -51,6 +53,7 @@ def test_one_round_of_every_scenario(tmp_path: Path) -> None:
     for name, res in scenarios.items():
         assert "error" not in res, name
         assert res["size"] == SIZE
+        assert res["settle_s"] == 0
         for side in ("qblock", "qemu"):
             (rnd,) = res[side]["rounds"]
             assert rnd["seconds"] > 0 and res[side]["median_s"] == rnd["seconds"]
@@ -174,3 +177,51 @@ def test_sizes_parse_like_qemu_img() -> None:
     assert parse_size("1G") == 1 << 30
     assert parse_size("4096") == 4096
     assert parse_size("1.5k") == 1536
+
+
+def _clock_scenario(settle: float, events: list[tuple[str, float]]):
+    from bench.scenario import Measurement, Scenario
+
+    def side(name: str):
+        def run(ctx) -> Measurement:
+            events.append((name, time.monotonic()))
+            return Measurement(0.01, 1 << 20)
+        return run
+
+    def startup(ctx) -> float:
+        events.append(("startup", time.monotonic()))
+        return 0.001
+
+    return Scenario(name="clock", description="timing only", unit="MiB/s",
+                    setup=lambda ctx: None, run_qblock=side("qblock"), run_qemu=side("qemu"),
+                    startup_qblock=startup, startup_qemu=startup, settle=settle)
+
+
+@pytest.mark.parametrize("override", [None, 0.0])
+def test_settle_pauses_before_every_timed_run(tmp_path: Path, override: float | None) -> None:
+    """A scenario's settle (or --settle) comes between its start-up run and each timed run."""
+    from bench.runner import run_scenario
+
+    events: list[tuple[str, float]] = []
+    res = run_scenario(_clock_scenario(0.2, events), tmp_path, 1 << 20, 2, settle=override,
+                       log=io.StringIO())
+    assert res.error is None
+    expected = 0.2 if override is None else 0.0
+    assert res.as_json()["settle_s"] == expected
+    assert [e for e, _ in events] == ["startup", "qblock", "startup", "qemu",
+                                      "startup", "qemu", "startup", "qblock"]
+    gaps = [b - a for (ea, a), (eb, b) in zip(events, events[1:]) if ea == "startup"]
+    assert len(gaps) == 4
+    if expected:
+        assert min(gaps) >= expected
+    else:
+        assert max(gaps) < 0.15
+
+
+def test_settle_must_not_be_negative() -> None:
+    from bench.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--settle", "-1"])
+    assert build_parser().parse_args(["--settle", "2.5"]).settle == 2.5
+    assert build_parser().parse_args([]).settle is None
