@@ -1,8 +1,9 @@
 """The ``file`` protocol driver (block/file-posix.c): a regular file or block device.
 
 Data moves with os.preadv/os.pwritev on a thread pool (QEMU's aio=threads), so the GIL is
-released while the kernel copies.  ``cache.direct=on`` opens with O_DIRECT and bounces through
-page-aligned buffers.  Image locking uses OFD locks on the bytes QEMU uses, so qblock and QEMU
+released while the kernel copies; buffered writes to one file queue for one worker at a time
+(WriteQueue) and reads of cached pages are made inline.  ``cache.direct=on`` opens with
+O_DIRECT and bounces through page-aligned buffers.  Image locking uses OFD locks on the bytes QEMU uses, so qblock and QEMU
 processes see each other's locks.
 """
 from __future__ import annotations
@@ -115,8 +116,10 @@ class WriteQueue:
             await fut
         except asyncio.CancelledError:
             with self._lock:
-                if entry in self._queue:
-                    self._queue.remove(entry)  # not started: it is never made
+                for i, queued in enumerate(self._queue):
+                    if queued is entry:
+                        del self._queue[i]  # not started: it is never made
+                        break
             raise
 
     def _drain(self) -> None:
