@@ -109,12 +109,25 @@ class ScenarioResult:
         return out
 
 
-def _settle(seconds: float) -> None:
-    """Start a timed run from a quiet machine: nothing dirty to write back, and memory freed
-    by the previous run given time to go where it goes (README, "Settling")."""
+def warm(path: Path) -> int:
+    """Read a file through so its pages are cached; returns the bytes read."""
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 * MIB)
+        while n := f.readinto(buf):
+            done += n
+    return done
+
+
+def _settle(seconds: float, ctx: Context) -> None:
+    """Start a timed run from a quiet machine (README, "Settling"): nothing dirty to write
+    back, memory freed by the previous run given time to go where it goes, and the inputs
+    setup made cached again (the machine may have dropped some of them meanwhile)."""
     if seconds > 0:
         os.sync()
         time.sleep(seconds)
+        for path in ctx.files.values():
+            warm(path)
 
 
 def _run_side(scenario: Scenario, side: str, ctx: Context, rnd: int, position: int,
@@ -122,7 +135,7 @@ def _run_side(scenario: Scenario, side: str, ctx: Context, rnd: int, position: i
     startup_fn = scenario.startup_qblock if side == "qblock" else scenario.startup_qemu
     run_fn = scenario.run_qblock if side == "qblock" else scenario.run_qemu
     startup = startup_fn(ctx) if startup_fn is not None else None
-    _settle(settle)
+    _settle(settle, ctx)
     m = run_fn(ctx)
     return RoundResult(rnd, position, m.seconds, startup, m.invocations, m.amount, m.detail)
 

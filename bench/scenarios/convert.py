@@ -11,7 +11,8 @@ to a fresh target (the previous one is removed, untimed).  Throughput counts the
   deflates to about 60 %); run it at ``--size 1G``, the size of issue 8.
 
 Start-up is the same command converting an empty 1 MiB qcow2 image.  The two uncompressed
-scenarios settle (sync, 3 s pause) before each timed run: see bench/README.md, "Settling".
+scenarios settle before each timed run (sync, 3 s pause, the source read through again): see
+bench/README.md, "Settling".
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from bench.workload import timed, worker_env
 
 PATTERN = 0x5A
 # Each run writes GiBs of new page cache and the previous run's deleted target freed as much:
-# back to back, runs alternate between fast and slow whatever the tool (README, "Settling").
+# back to back, runs alternate between fast and slow whatever the tool, and the source may be
+# partly dropped from the cache meanwhile (README, "Settling").
 SETTLE = 3.0
 
 

@@ -218,6 +218,14 @@ def test_settle_pauses_before_every_timed_run(tmp_path: Path, override: float | 
         assert max(gaps) < 0.15
 
 
+def test_warm_reads_a_file_through(tmp_path: Path) -> None:
+    from bench.runner import warm
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(8 << 20) + b"tail")
+    assert warm(path) == (8 << 20) + 4
+
+
 def test_settle_must_not_be_negative() -> None:
     from bench.cli import build_parser
 
