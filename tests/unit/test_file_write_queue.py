@@ -9,14 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from qblock.drivers.file import WriteQueue
+from qblock.drivers.file import MERGE_MAX_BUFFERS, WriteQueue
 
 
-def _writer(fd: int, gate: threading.Event, log: list[int]):
-    def write(offset: int, data: memoryview) -> None:
+def _writer(fd: int, gate: threading.Event, log: list[int | tuple[int, ...]]):
+    """Writes once the gate opens; logs each call's offset, or its buffers' offsets."""
+    def write(offset: int, buffers: list[memoryview]) -> None:
         gate.wait(5)
-        log.append(offset)
-        os.pwritev(fd, [data], offset)
+        pos, offsets = offset, []
+        for buf in buffers:
+            offsets.append(pos)
+            pos += len(buf)
+        log.append(offsets[0] if len(offsets) == 1 else tuple(offsets))
+        os.pwritev(fd, buffers, offset)
     return write
 
 
@@ -28,7 +33,9 @@ def test_writes_are_made_in_queue_order_by_one_worker(tmp_path: Path) -> None:
     queue = WriteQueue(_writer(fd, gate, log))
 
     async def main() -> None:
-        tasks = [asyncio.create_task(queue.write(i * 4096, memoryview(bytes([i + 1]) * 4096)))
+        # every other block: no two writes continue each other, none are merged
+        tasks = [asyncio.create_task(queue.write(2 * i * 4096,
+                                                 memoryview(bytes([i + 1]) * 4096)))
                  for i in range(16)]
         await asyncio.sleep(0.05)
         assert not any(t.done() for t in tasks)  # all wait behind the gated first write
@@ -39,9 +46,69 @@ def test_writes_are_made_in_queue_order_by_one_worker(tmp_path: Path) -> None:
         asyncio.run(main())
     finally:
         os.close(fd)
-    assert log == [i * 4096 for i in range(16)]
+    assert log == [2 * i * 4096 for i in range(16)]
     data = path.read_bytes()
-    assert all(data[i * 4096:(i + 1) * 4096] == bytes([i + 1]) * 4096 for i in range(16))
+    assert all(data[2 * i * 4096:(2 * i + 1) * 4096] == bytes([i + 1]) * 4096
+               for i in range(16))
+
+
+def test_writes_queued_one_after_the_other_in_the_file_go_in_one_call(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(1 << 20))
+    fd = os.open(path, os.O_RDWR)
+    gate, log = threading.Event(), []
+    queue = WriteQueue(_writer(fd, gate, log))
+    # while the first write waits at the gate: three that continue each other, one elsewhere,
+    # then MERGE_MAX_BUFFERS + 2 more in a row
+    plan = [0, 512, 1024, 1536, 65536]
+    plan += [131072 + i * 512 for i in range(MERGE_MAX_BUFFERS + 2)]
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(queue.write(plan[0], memoryview(b"\x01" * 512)))]
+        await asyncio.sleep(0.05)  # the worker holds the first write at the gate
+        tasks += [asyncio.create_task(queue.write(off, memoryview(bytes([k % 251 + 1]) * 512)))
+                  for k, off in enumerate(plan) if k]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(fd)
+    run = tuple(131072 + i * 512 for i in range(MERGE_MAX_BUFFERS))
+    assert log == [0, (512, 1024, 1536), 65536, run,
+                   (131072 + MERGE_MAX_BUFFERS * 512, 131072 + (MERGE_MAX_BUFFERS + 1) * 512)]
+    data = path.read_bytes()
+    for k, off in enumerate(plan):
+        assert data[off:off + 512] == bytes([k % 251 + 1]) * 512, off
+
+
+def test_a_failed_merged_write_fails_every_write_in_it(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(8192))
+    ro = os.open(path, os.O_RDONLY)
+    gate = threading.Event()
+
+    def write(offset: int, buffers: list[memoryview]) -> None:
+        gate.wait(5)
+        os.pwritev(ro, buffers, offset)
+
+    queue = WriteQueue(write)
+
+    async def main() -> list[BaseException | None]:
+        tasks = [asyncio.create_task(queue.write(i * 512, memoryview(b"z" * 512)))
+                 for i in range(4)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        os.close(ro)
+    assert all(isinstance(r, OSError) and r.errno == errno.EBADF for r in results)
+    assert path.read_bytes() == bytes(8192)
 
 
 def test_a_cancelled_write_that_has_not_started_is_never_made(tmp_path: Path) -> None:
@@ -53,8 +120,9 @@ def test_a_cancelled_write_that_has_not_started_is_never_made(tmp_path: Path) ->
 
     async def main() -> None:
         first = asyncio.create_task(queue.write(0, memoryview(b"a" * 4096)))
+        await asyncio.sleep(0.05)  # the worker holds the first write at the gate
         second = asyncio.create_task(queue.write(4096, memoryview(b"b" * 4096)))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
             await second
@@ -77,8 +145,8 @@ def test_the_error_of_a_write_reaches_its_caller_and_the_next_write_runs(tmp_pat
     ro = os.open(path, os.O_RDONLY)
     rw = os.open(path, os.O_RDWR)
 
-    def write(offset: int, data: memoryview) -> None:
-        os.pwritev(ro if offset == 0 else rw, [data], offset)
+    def write(offset: int, buffers: list[memoryview]) -> None:
+        os.pwritev(ro if offset == 0 else rw, buffers, offset)
 
     queue = WriteQueue(write)
 
