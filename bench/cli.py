@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true",
                    help="keep each scenario's files (images, worker specs) in --dir")
     p.add_argument("--settle", type=non_negative_float, metavar="SECONDS",
-                   help="sync and pause this long before each timed run (default: each "
-                        "scenario's own, 0 for most; see README, Settling)")
+                   help="before each timed run: sync, pause this long, read the inputs "
+                        "through again (default: each scenario's own, 0 for most; see "
+                        "README, Settling)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p
 

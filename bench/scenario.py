@@ -65,8 +65,8 @@ class Scenario:
     startup_qblock: StartupRunner | None = None
     startup_qemu: StartupRunner | None = None
     teardown: Callable[[Context], None] = _remove_dir
-    # Seconds to pause, after os.sync(), before each timed run (see bench/README.md,
-    # "Settling"); ``--settle`` overrides it.
+    # Before each timed run: os.sync(), a pause of this many seconds, the inputs read through
+    # again (bench/README.md, "Settling"); ``--settle`` overrides it.
     settle: float = 0.0
 
     def __post_init__(self) -> None:

@@ -92,7 +92,8 @@ async def run_in_pool(fn: Any, *args: Any) -> Any:
         raise
 
 
-# Merging queued writes: at most this many buffers (Linux UIO_MAXIOV is 1024) and bytes.
+# Merging queued writes: at most this many buffers (Linux UIO_MAXIOV is 1024); no more are
+# added once a run holds this many bytes.
 MERGE_MAX_BUFFERS = 64
 MERGE_MAX_BYTES = 16 * 1024 * 1024
 
