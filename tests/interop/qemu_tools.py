@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import errno
 import os
+import pty
 import random
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,39 @@ def run(args: Sequence[str | os.PathLike[str]], *, check: bool = True,
         raise ToolError(f"{' '.join(argv)} exited {proc.returncode}\n"
                         f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
     return proc
+
+
+QBLOCK_IMG = [sys.executable, "-m", "qblock.cli.main", "img"]
+
+
+def run_on_terminal(argv: Sequence[str | os.PathLike[str]], *,
+                    cwd: str | os.PathLike[str] | None = None
+                    ) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run ``argv`` with stdout on a pseudo-terminal (qblock from this test's sys.path);
+    returns the process and everything it showed there, \n as the terminal's \r\n."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(list(argv), cwd=cwd, stdout=secondary, stderr=subprocess.PIPE,
+                              env=env, timeout=TIMEOUT, check=False, text=True)
+        os.close(secondary)
+        secondary = -1
+        chunks = []
+        while True:  # until the terminal reports its other side closed and drained
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    return proc, b"".join(chunks).decode()
 
 
 def qemu_img(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:

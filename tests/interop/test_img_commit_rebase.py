@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from hypothesis import strategies as st
 from qblock import api
 from qblock.cli.imgrebase import differing_runs
 from qblock.cli.main import main
-from qemu_tools import slow_mode
+from qemu_tools import QBLOCK_IMG, run_on_terminal, slow_mode
 
 pytestmark = pytest.mark.interop
 Tool = Callable[..., subprocess.CompletedProcess[str]]
@@ -429,15 +427,10 @@ def test_progress_on_a_terminal(tmp_path: Path, qemu_tool: Tool,
     """-p draws qemu-img's "    (x.xx/100%)\\r" line on a terminal, from 0% to 100%, like
     qemu-img does on its copy."""
     _, q, b, _ = setup_pair(tmp_path, qemu_tool, monkeypatch, "2deep")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     shown = []
-    for where, argv in ((q, ["qemu-img"]), (b, [sys.executable, "-m", "qblock.cli.main", "img"])):
-        primary, secondary = pty.openpty()
-        proc = subprocess.run([*argv, *args], cwd=where, stdout=secondary,
-                              stderr=subprocess.PIPE, env=env, timeout=60, check=False)
-        os.close(secondary)
-        shown.append(os.read(primary, 65536).decode())
-        os.close(primary)
+    for where, argv in ((q, ["qemu-img"]), (b, QBLOCK_IMG)):
+        proc, text = run_on_terminal([*argv, *args], cwd=where)
+        shown.append(text)
         assert proc.returncode == 0, proc.stderr
     for text in shown:
         assert text.startswith("    (0.00/100%)\r") and text.endswith(tail), repr(text)

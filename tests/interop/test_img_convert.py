@@ -7,9 +7,7 @@ allocation; failing command lines must fail with the same exit code and message.
 from __future__ import annotations
 
 import os
-import pty
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from hypothesis import strategies as st
 
 from qblock.cli.imgconvert import SECTOR, Converter
 from qblock.cli.main import main
+from qemu_tools import QBLOCK_IMG, run_on_terminal
 
 pytestmark = pytest.mark.interop
 Tool = Callable[..., subprocess.CompletedProcess[str]]
@@ -224,14 +223,8 @@ def test_zero_detection_matches_qemu_model(zero: list[bool], sector: int, minimu
 def test_progress_only_on_a_terminal(images: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """-p draws "    (x.xx/100%)\\r" on a terminal and ends at 100%; not on a pipe."""
     assert ours(capsys, "-p", "-O", "raw", "top.qcow2", "pipe.raw") == (0, "", "")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    primary, secondary = pty.openpty()
-    proc = subprocess.run([sys.executable, "-m", "qblock.cli.main", "img", "convert", "-p",
-                           "-O", "raw", "top.qcow2", "tty.raw"], stdout=secondary,
-                          stderr=subprocess.PIPE, env=env, timeout=60, check=False)
-    os.close(secondary)
-    shown = os.read(primary, 65536).decode()
-    os.close(primary)
+    proc, shown = run_on_terminal([*QBLOCK_IMG, "convert", "-p", "-O", "raw", "top.qcow2",
+                                   "tty.raw"])
     assert proc.returncode == 0, proc.stderr
     assert shown.startswith("    (0.00/100%)\r") and shown.endswith("    (100.00/100%)\r\r\n")
 

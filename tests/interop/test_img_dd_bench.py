@@ -10,11 +10,9 @@ import contextlib
 import io
 import json
 import os
-import pty
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qblock.cli.main import main
+from qemu_tools import QBLOCK_IMG, run_on_terminal
 
 pytestmark = pytest.mark.interop
 Tool = Callable[..., subprocess.CompletedProcess[str]]
@@ -332,14 +331,7 @@ def test_check_progress_only_on_a_terminal(images: Path, qemu_tool: Tool,
     report = theirs(qemu_tool, "check", "l2.qcow2")
     assert report[0] == 0
     assert ours(capsys, "check", "-p", "l2.qcow2") == report
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    primary, secondary = pty.openpty()
-    proc = subprocess.run([sys.executable, "-m", "qblock.cli.main", "img", "check", "-p",
-                           "l2.qcow2"], stdout=secondary, stderr=subprocess.PIPE, env=env,
-                          timeout=60, check=False)
-    os.close(secondary)
-    shown = os.read(primary, 65536).decode()
-    os.close(primary)
+    proc, shown = run_on_terminal([*QBLOCK_IMG, "check", "-p", "l2.qcow2"])
     assert proc.returncode == 0, proc.stderr
     bar, _, rest = shown.rpartition("\r\r\n")
     steps = bar.split("\r")
