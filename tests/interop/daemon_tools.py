@@ -55,10 +55,27 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+_SO_ACCEPTCON = 0x10000  # include/linux/net.h: the socket is listening
+
+
+def _listening(path: Path) -> bool:
+    """Whether a Unix socket at ``path`` accepts connections (/proc/net/unix): its file
+    appears at bind(), a moment before listen(), and a client connecting in between is
+    refused."""
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & _SO_ACCEPTCON:
+                return True
+    return False
+
+
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until a daemon listens on the Unix socket ``path``, without connecting to it."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if path.exists():
+        if path.exists() and _listening(path):
             return
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"daemon exited {proc.returncode}: "
