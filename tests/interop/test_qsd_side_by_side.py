@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_tools import wait_for_socket
 
 qmp = pytest.importorskip("qemu.qmp")
 
@@ -131,12 +132,7 @@ class Daemon:
         self.client = qmp.QMPClient(d.name)
 
     async def connect(self) -> None:
-        for _ in range(TIMEOUT * 20):
-            if self.sock.exists():
-                break
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.dir.name} exited: {self.proc.stderr.read()!r}")
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(wait_for_socket, self.sock, self.proc)
         await asyncio.wait_for(self.client.connect(str(self.sock)), TIMEOUT)
 
     async def execute(self, name: str, args: dict[str, Any] | None) -> dict[str, Any]:
