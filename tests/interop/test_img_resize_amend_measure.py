@@ -466,3 +466,20 @@ def test_measure_size_property(size: int, cluster_bits: int, refcount_order: int
                        f"extended_l2={'on' if extended_l2 else 'off'},compat={compat},"
                        f"preallocation={prealloc}"]
     assert ours(*args) == theirs(*args)
+
+
+@pytest.mark.parametrize("args", [
+    ["amend", "--object", "secret,id=s0,data=x", "-o", "lazy_refcounts=on", "{img}"],
+    ["resize", "--object", "secret,id=s0,data=x", "{img}", "+1M"],
+    ["measure", "--object", "secret,id=s0,data=x", "-O", "qcow2", "{img}"],
+    ["dd", "--object", "secret,id=s0,data=x", "if={img}", "of={out}"],
+], ids=lambda a: a[0])
+def test_object_is_refused_and_nothing_is_written(tmp_path: Path, args: list[str]) -> None:
+    """--object (README, deliberate differences): status 1, one error line, files unchanged."""
+    img, out = tmp_path / "a.qcow2", tmp_path / "out.raw"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu_io(img, "write -P 7 0 64k")
+    before = img.read_bytes()
+    argv = [a.format(img=img, out=out) for a in args]
+    assert ours(*argv) == (1, "", "qemu-img: --object is not supported by qblock\n")
+    assert img.read_bytes() == before and not out.exists()

@@ -10,7 +10,7 @@ from typing import Any
 
 from qblock.cli import imgfmt
 from qblock.cli.imgprogress import Progress
-from qblock.cli.imgerr import error, error_exit, getopt_args
+from qblock.cli.imgerr import error, error_exit, getopt_args, object_unsupported
 from qblock.cli.imgresize import open_writable
 from qblock.drivers.qcow2.amend import amend_options
 from qblock.errors import QBlockError
@@ -115,8 +115,7 @@ async def cmd_amend(argv: list[str]) -> int:
         elif o == "-q":
             quiet = True
         elif o == "--object":
-            error("--object is not supported by qblock")
-            return 1
+            raise object_unsupported()
         elif o == "--image-opts":
             image_opts = True
         # --force only matters for LUKS keyslot changes, which qblock does not do.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qblock import api
-from qblock.cli.imgerr import error, getopt_args
+from qblock.cli.imgerr import error, getopt_args, object_unsupported
 from qblock.errors import QBlockError
 from qblock.keyval import KeyvalError, parse_keyval
 
@@ -233,8 +233,7 @@ async def cmd_dd(argv: list[str]) -> int:
         elif o == "--image-opts":
             image_opts = True
         elif o == "--object":
-            error("--object is not supported")
-            return 1
+            raise object_unsupported()
     dd = parse_operands(operands)
     if dd is None:
         return 1

@@ -42,6 +42,13 @@ def error_exit(msg: str) -> CommandFailed:
     return CommandFailed()
 
 
+def object_unsupported() -> CommandFailed:
+    """``--object``: qblock has no QOM objects (secrets, TLS credentials...); README,
+    deliberate differences.  Returns the exception that ends the command."""
+    error("--object is not supported by qblock")
+    return CommandFailed()
+
+
 def getopt_complaint(e: getopt.GetoptError) -> str:
     """qemu-img.c missing_argument() / unrecognized_option() for a getopt failure."""
     name = f"-{e.opt}" if len(e.opt) == 1 else f"--{e.opt}"

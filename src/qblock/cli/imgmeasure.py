@@ -15,7 +15,7 @@ from qblock import api
 from qblock.block import io
 from qblock.block.node import BlockNode
 from qblock.cli import imgcreate, imgfmt
-from qblock.cli.imgerr import CommandFailed, error, getopt_args
+from qblock.cli.imgerr import CommandFailed, error, getopt_args, object_unsupported
 from qblock.drivers.base import Status
 from qblock.drivers.qcow2.cluster import COMPRESSED, DATA, L1E_OFFSET_MASK, UNALLOC
 from qblock.drivers.qcow2.snapshot import SnapshotInfo
@@ -328,8 +328,7 @@ async def cmd_measure(argv: list[str]) -> int:
         elif o in ("-U", "--force-share"):
             share = True
         elif o == "--object":
-            error("--object is not supported by qblock")
-            return 1
+            raise object_unsupported()
         elif o == "--image-opts":
             image_opts = True
         elif o == "--output":

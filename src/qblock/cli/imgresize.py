@@ -14,7 +14,8 @@ from qblock.block.node import close_node
 from qblock.block.open import open_node
 from qblock.block.perm import PERM_ALL, Perm
 from qblock.cli import imgfmt
-from qblock.cli.imgerr import RAW_PROBE_WARNING, CommandFailed, error, error_exit, getopt_args
+from qblock.cli.imgerr import (RAW_PROBE_WARNING, CommandFailed, error, error_exit, getopt_args,
+                               object_unsupported)
 from qblock.errors import QBlockError
 from qblock.keyval import KeyvalError, parse_keyval
 
@@ -125,8 +126,7 @@ async def cmd_resize(argv: list[str]) -> int:
         elif o == "-q":
             quiet = True
         elif o == "--object":
-            error("--object is not supported by qblock")
-            return 1
+            raise object_unsupported()
         elif o == "--image-opts":
             image_opts = True
         elif o == "--preallocation":
