@@ -5,6 +5,8 @@ import asyncio
 import errno
 import os
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,12 +27,30 @@ def _writer(fd: int, gate: threading.Event, log: list[int | tuple[int, ...]]):
     return write
 
 
-def test_writes_are_made_in_queue_order_by_one_worker(tmp_path: Path) -> None:
+@dataclass
+class Gated:
+    """A 1 MiB file and a queue whose writes wait for ``gate``; ``log`` as _writer()."""
+
+    path: Path
+    queue: WriteQueue
+    gate: threading.Event
+    log: list[int | tuple[int, ...]]
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[Gated]:
     path = tmp_path / "f"
-    path.write_bytes(bytes(64 * 1024))
+    path.write_bytes(bytes(1 << 20))
     fd = os.open(path, os.O_RDWR)
     gate, log = threading.Event(), []
-    queue = WriteQueue(_writer(fd, gate, log))
+    try:
+        yield Gated(path, WriteQueue(_writer(fd, gate, log)), gate, log)
+    finally:
+        os.close(fd)
+
+
+def test_writes_are_made_in_queue_order_by_one_worker(gated: Gated) -> None:
+    queue, gate, log = gated.queue, gated.gate, gated.log
 
     async def main() -> None:
         # every other block: no two writes continue each other, none are merged
@@ -42,22 +62,15 @@ def test_writes_are_made_in_queue_order_by_one_worker(tmp_path: Path) -> None:
         gate.set()
         await asyncio.gather(*tasks)
 
-    try:
-        asyncio.run(main())
-    finally:
-        os.close(fd)
+    asyncio.run(main())
     assert log == [2 * i * 4096 for i in range(16)]
-    data = path.read_bytes()
+    data = gated.path.read_bytes()
     assert all(data[2 * i * 4096:(2 * i + 1) * 4096] == bytes([i + 1]) * 4096
                for i in range(16))
 
 
-def test_writes_queued_one_after_the_other_in_the_file_go_in_one_call(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(bytes(1 << 20))
-    fd = os.open(path, os.O_RDWR)
-    gate, log = threading.Event(), []
-    queue = WriteQueue(_writer(fd, gate, log))
+def test_writes_queued_one_after_the_other_in_the_file_go_in_one_call(gated: Gated) -> None:
+    queue, gate, log = gated.queue, gated.gate, gated.log
     # while the first write waits at the gate: three that continue each other, one elsewhere,
     # then MERGE_MAX_BUFFERS + 2 more in a row
     plan = [0, 512, 1024, 1536, 65536]
@@ -72,14 +85,11 @@ def test_writes_queued_one_after_the_other_in_the_file_go_in_one_call(tmp_path: 
         gate.set()
         await asyncio.gather(*tasks)
 
-    try:
-        asyncio.run(main())
-    finally:
-        os.close(fd)
+    asyncio.run(main())
     run = tuple(131072 + i * 512 for i in range(MERGE_MAX_BUFFERS))
     assert log == [0, (512, 1024, 1536), 65536, run,
                    (131072 + MERGE_MAX_BUFFERS * 512, 131072 + (MERGE_MAX_BUFFERS + 1) * 512)]
-    data = path.read_bytes()
+    data = gated.path.read_bytes()
     for k, off in enumerate(plan):
         assert data[off:off + 512] == bytes([k % 251 + 1]) * 512, off
 
@@ -111,12 +121,8 @@ def test_a_failed_merged_write_fails_every_write_in_it(tmp_path: Path) -> None:
     assert path.read_bytes() == bytes(8192)
 
 
-def test_a_cancelled_write_that_has_not_started_is_never_made(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(bytes(8192))
-    fd = os.open(path, os.O_RDWR)
-    gate, log = threading.Event(), []
-    queue = WriteQueue(_writer(fd, gate, log))
+def test_a_cancelled_write_that_has_not_started_is_never_made(gated: Gated) -> None:
+    queue, gate, log = gated.queue, gated.gate, gated.log
 
     async def main() -> None:
         first = asyncio.create_task(queue.write(0, memoryview(b"a" * 4096)))
@@ -131,12 +137,9 @@ def test_a_cancelled_write_that_has_not_started_is_never_made(tmp_path: Path) ->
         # a later write still runs: the queue is not stuck on the cancelled entry
         await queue.write(4096, memoryview(b"c" * 4096))
 
-    try:
-        asyncio.run(main())
-    finally:
-        os.close(fd)
+    asyncio.run(main())
     assert log == [0, 4096]
-    assert path.read_bytes() == b"a" * 4096 + b"c" * 4096
+    assert gated.path.read_bytes() == b"a" * 4096 + b"c" * 4096 + bytes((1 << 20) - 8192)
 
 
 def test_the_error_of_a_write_reaches_its_caller_and_the_next_write_runs(tmp_path: Path) -> None:
