@@ -3,8 +3,8 @@
 Data moves with os.preadv/os.pwritev on a thread pool (QEMU's aio=threads), so the GIL is
 released while the kernel copies; buffered writes to one file queue for one worker at a time
 (WriteQueue) and reads of cached pages are made inline.  ``cache.direct=on`` opens with
-O_DIRECT and bounces through page-aligned buffers.  Image locking uses OFD locks on the bytes QEMU uses, so qblock and QEMU
-processes see each other's locks.
+O_DIRECT and bounces through page-aligned buffers.  Image locking uses OFD locks on the bytes
+QEMU uses, so qblock and QEMU processes see each other's locks.
 """
 from __future__ import annotations
 
@@ -57,6 +57,23 @@ def _settle(fut: asyncio.Future[Any], exc: BaseException | None, result: Any) ->
         fut.set_result(result)
 
 
+def _outcome(fn: Any, *args: Any) -> tuple[BaseException | None, Any]:
+    """Call ``fn``; (exception, None) or (None, result), to hand to a waiting coroutine."""
+    try:
+        return None, fn(*args)
+    except BaseException as e:  # handed to the waiting coroutine
+        return e, None
+
+
+def _post(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    """From a worker thread: run ``callback(*args)`` on the loop, unless the loop closed
+    meanwhile (then nobody waits for the outcome)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
+
+
 def _settle_all(futs: list[asyncio.Future[Any]], exc: BaseException | None,
                 result: Any) -> None:
     for fut in futs:
@@ -73,16 +90,7 @@ async def run_in_pool(fn: Any, *args: Any) -> Any:
     fut = loop.create_future()
 
     def job() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as e:  # handed to the waiting coroutine
-            outcome: tuple[BaseException | None, Any] = (e, None)
-        else:
-            outcome = (None, result)
-        try:
-            loop.call_soon_threadsafe(_settle, fut, *outcome)
-        except RuntimeError:  # the loop closed meanwhile: nobody waits for the outcome
-            pass
+        _post(loop, _settle, fut, *_outcome(fn, *args))
 
     work = _pool.submit(job)
     try:
@@ -156,20 +164,12 @@ class WriteQueue:
 
     def _drain(self) -> None:
         while (run := self._next_run()) is not None:
-            try:
-                self._write(run[0][2], [entry[3] for entry in run])
-            except BaseException as e:  # handed to the waiting coroutines
-                outcome: tuple[BaseException | None, Any] = (e, None)
-            else:
-                outcome = (None, None)
+            outcome = _outcome(self._write, run[0][2], [entry[3] for entry in run])
             by_loop: dict[Any, list[asyncio.Future[Any]]] = {}
             for loop, fut, _, _ in run:
                 by_loop.setdefault(loop, []).append(fut)
             for loop, futs in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_settle_all, futs, *outcome)
-                except RuntimeError:  # the loop closed meanwhile: nobody waits for the outcome
-                    pass
+                _post(loop, _settle_all, futs, *outcome)
 
 
 def _os_error(e: OSError, what: str) -> QBlockError:
