@@ -2,7 +2,8 @@
 
 Opens the image with ``qblock.open(path, driver=FMT)`` and issues the spec's requests in order,
 one at a time like qemu-io's commands: writes from a buffer filled with the pattern once,
-reads into one reusable buffer, flushes with ``disk.flush()``.  Prints a JSON report (bytes,
+reads into one reusable buffer (both from ``qblock.blockalign``, as qemu-io's come from
+qemu_io_alloc()'s blk_blockalign()), flushes with ``disk.flush()``.  Prints a JSON report (bytes,
 requests, and the open / requests / close split) on stdout.  ``--profile`` writes cProfile
 statistics of the whole run to OUT, to see where the time goes.
 """
@@ -24,16 +25,16 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     disk = qblock.open(spec["image"], driver=spec["format"], read_only=spec["read_only"])
     t1 = time.perf_counter()
-    write_bufs: dict[tuple[int, int], bytes] = {}
-    read_buf = memoryview(bytearray(max((op[2] for op in spec["ops"] if op[0] == "read"),
-                                        default=0)))
+    write_bufs: dict[tuple[int, int], memoryview] = {}
+    read_buf = qblock.blockalign(max((op[2] for op in spec["ops"] if op[0] == "read"), default=0))
     nbytes = requests = 0
     try:
         for kind, offset, length, pattern in spec["ops"]:
             if kind == "write":
                 data = write_bufs.get((length, pattern))
                 if data is None:
-                    data = write_bufs[length, pattern] = bytes([pattern]) * length
+                    data = write_bufs[length, pattern] = qblock.blockalign(length)
+                    data[:] = bytes([pattern]) * length
                 disk.write(offset, data)
             elif kind == "read":
                 disk.readinto(offset, read_buf[:length])

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from qblock import api
+from qblock.block.buffer import blockalign
 from qblock.cli.imgdd import INT_MAX, cvtnum, cvtnum_full, image_opts_dict
 from qblock.cli.imgerr import error, error_exit, getopt_args
 from qblock.drivers.base import ReqFlags
@@ -111,7 +112,8 @@ class Bench:
 
     async def _slot(self) -> None:
         """One request in flight at a time, always from the same buffer."""
-        buf = memoryview(bytearray([self.pattern]) * self.bufsize)
+        buf = blockalign(self.bufsize)
+        buf[:] = bytes([self.pattern]) * self.bufsize
         request = self.blk.pwritev if self.write else self.blk.preadv
         flags = self.flags if self.write else ReqFlags.NONE
         resume = self._resume

@@ -27,6 +27,7 @@ import numpy as np
 
 from qblock import api
 from qblock.block import io
+from qblock.block.buffer import blockalign
 from qblock.cli import imgcreate, imgfmt
 from qblock.cli.imgerr import error, getopt_args
 from qblock.cli.imgprogress import Progress
@@ -303,7 +304,7 @@ class Converter:
 
     async def _worker(self) -> None:
         """convert_co_do_copy(), with one buffer per worker (qemu-img's blk_blockalign)."""
-        buf = memoryview(bytearray(self.buf_sectors * SECTOR))
+        buf = blockalign(self.buf_sectors * SECTOR)
         while True:
             async with self._lock:
                 if self._error is not None or self._cursor >= self.total_sectors:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qblock import api
+from qblock.block.buffer import blockalign
 from qblock.cli.imgerr import error, getopt_args, object_unsupported
 from qblock.errors import QBlockError
 from qblock.keyval import KeyvalError, parse_keyval
@@ -196,7 +197,7 @@ async def _create_output(name: str, fmt: str, size: int) -> bool:
 async def _copy(src: api.AsyncDisk, dst: api.AsyncDisk, start: int, end: int, bs: int) -> int:
     """img_dd()'s loop, ``bs`` at a time, moved in requests of whole blocks."""
     chunk = max(bs, COPY_CHUNK - COPY_CHUNK % bs)
-    buf = memoryview(bytearray(chunk))
+    buf = blockalign(chunk)
     in_pos, out_pos = start, 0
     while in_pos < end:
         n = min(chunk, end - in_pos)
