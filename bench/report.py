@@ -21,6 +21,7 @@ start-up = the same process opening and closing the same image with no request (
 net = wall - median start-up x processes the run took. Throughput is over the net time.
 ratio = QEMU time / qblock time = qblock's speed relative to QEMU (1.00 = as fast, >1 = faster);
   "ratio" uses net times, "ratio (wall)" wall times with start-up included.
+paired = the median over rounds of each round's own net-time ratio, (lowest-highest) of them.
 Nothing is dropped from the page cache: reads run on a file just written in full."""
 
 
@@ -28,15 +29,22 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _paired(res: ScenarioResult) -> str:
+    ratios = res.round_ratios
+    if not ratios:
+        return "n/a"
+    return f"{_fmt(res.ratio_paired, '.2f')} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def print_table(results: Sequence[ScenarioResult], rounds: int, out: TextIO = sys.stdout) -> None:
     print(EXPLANATION.format(rounds=rounds), file=out)
     header = ("scenario", "size", "qblock net s", "QEMU net s", "qblock thru", "QEMU thru",
-              "ratio", "start-up qblock/QEMU s", "ratio (wall)")
+              "ratio", "start-up qblock/QEMU s", "ratio (wall)", "paired (range)")
     rows = []
     for res in results:
         size = f"{res.size / (1 << 20):g}M"
         if res.error:
-            rows.append((res.scenario.name, size, "FAILED", "", "", "", "", "", ""))
+            rows.append((res.scenario.name, size, "FAILED", "", "", "", "", "", "", ""))
             continue
         q, e = res.sides["qblock"], res.sides["qemu"]
         unit = res.scenario.unit
@@ -46,6 +54,7 @@ def print_table(results: Sequence[ScenarioResult], rounds: int, out: TextIO = sy
             _fmt(res.ratio, ".2f"),
             f"{_fmt(q.median_startup_s, '.3f')}/{_fmt(e.median_startup_s, '.3f')}",
             _fmt(res.ratio_wall, ".2f"),
+            _paired(res),
         ))
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

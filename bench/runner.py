@@ -92,6 +92,23 @@ class ScenarioResult:
         return e / q if q > 0 and e > 0 else None
 
     @property
+    def round_ratios(self) -> list[float]:
+        """Per round, QEMU net time / qblock net time of that round (rounds where both are
+        positive).  The two runs of a round are minutes closer together than the rounds
+        are, so they meet a machine in the same state (README, "Paired ratio")."""
+        if self.error:
+            return []
+        q, e = self.sides["qblock"], self.sides["qemu"]
+        pairs = zip(q.rounds, e.rounds)
+        return [e.net(b) / q.net(a) for a, b in pairs if q.net(a) > 0 and e.net(b) > 0]
+
+    @property
+    def ratio_paired(self) -> float | None:
+        """The median of round_ratios."""
+        ratios = self.round_ratios
+        return statistics.median(ratios) if ratios else None
+
+    @property
     def ratio_wall(self) -> float | None:
         """The same ratio over wall times, process start-up included."""
         if self.error:
@@ -102,6 +119,8 @@ class ScenarioResult:
         out: dict[str, Any] = {"description": self.scenario.description,
                                "unit": self.scenario.unit, "size": self.size,
                                "ratio": self.ratio, "ratio_wall": self.ratio_wall,
+                               "ratio_paired": self.ratio_paired,
+                               "round_ratios": self.round_ratios,
                                "settle_s": self.settle}
         out.update({side: summary.as_json() for side, summary in self.sides.items()})
         if self.error:

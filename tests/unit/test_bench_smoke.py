@@ -233,3 +233,29 @@ def test_settle_must_not_be_negative() -> None:
         build_parser().parse_args(["--settle", "-1"])
     assert build_parser().parse_args(["--settle", "2.5"]).settle == 2.5
     assert build_parser().parse_args([]).settle is None
+
+
+def test_paired_ratio_cancels_a_machine_that_drifts() -> None:
+    """The machine slows down threefold over the rounds while qblock stays 25 % slower than
+    QEMU within each round: the paired ratio sees the 0.8, the ratio of medians does not."""
+    from bench.report import print_table
+    from bench.runner import RoundResult, ScenarioResult, SideSummary
+
+    def side(times: list[float]) -> SideSummary:
+        return SideSummary([RoundResult(i, i % 2, t, 0.0, 1, 1 << 20)
+                            for i, t in enumerate(times)], "MiB/s")
+
+    speed = [1.0, 1.5, 2.0, 2.5, 3.0]
+    qemu = [1.0 * s for s in speed]
+    qblock = [1.25 * s for s in speed]
+    qblock[2] = 3.0 * speed[2]  # one round where qblock drew a far slower machine
+    res = ScenarioResult(_clock_scenario(0.0, []), 1 << 20,
+                         sides={"qblock": side(qblock), "qemu": side(qemu)})
+    assert res.round_ratios == pytest.approx([0.8, 0.8, 1 / 3, 0.8, 0.8])
+    assert res.ratio_paired == pytest.approx(0.8)
+    assert res.ratio == pytest.approx(2.0 / 3.125)
+    doc = res.as_json()
+    assert doc["ratio_paired"] == pytest.approx(0.8) and len(doc["round_ratios"]) == 5
+    out = io.StringIO()
+    print_table([res], 5, out)
+    assert "0.80 (0.33-0.80)" in out.getvalue()
