@@ -94,8 +94,9 @@ class ScenarioResult:
     @property
     def round_ratios(self) -> list[float]:
         """Per round, QEMU net time / qblock net time of that round (rounds where both are
-        positive).  The two runs of a round are minutes closer together than the rounds
-        are, so they meet a machine in the same state (README, "Paired ratio")."""
+        positive).  The two runs of a round are seconds apart while the rounds span
+        minutes, so each pair meets the machine in about the same state (README, "Paired
+        ratio")."""
         if self.error:
             return []
         q, e = self.sides["qblock"], self.sides["qemu"]

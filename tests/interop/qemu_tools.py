@@ -7,8 +7,8 @@ semantics, so that the three can be compared byte for byte.
 from __future__ import annotations
 
 import dataclasses
-import json
 import errno
+import json
 import os
 import pty
 import random
