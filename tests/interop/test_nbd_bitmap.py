@@ -16,6 +16,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,7 @@ def test_qblock_nbd_bitmap_matches_qemu_nbd(tmp_path: Path) -> None:
     run("qemu-io", "-f", "qcow2", *[a for w in WRITES for a in ("-c", w)], str(image))
     maps = {}
     for kind, argv in (("qemu-nbd", ["qemu-nbd"]),
-                       ("qblock", ["python", "-m", "qblock.cli.main", "nbd"])):
+                       ("qblock", [sys.executable, "-m", "qblock.cli.main", "nbd"])):
         sock = tmp_path / f"{kind}.sock"
         proc = subprocess.Popen([*argv, "-r", "-f", "qcow2", "-B", "pb", "-k", str(sock),
                                  str(image)], env=env(), stderr=subprocess.PIPE)
@@ -228,7 +229,7 @@ def test_qblock_nbd_bitmap_matches_qemu_nbd(tmp_path: Path) -> None:
 def test_qblock_nbd_unknown_bitmap(tmp_path: Path) -> None:
     image = tmp_path / "u.qcow2"
     make_image(image)
-    res = subprocess.run(["python", "-m", "qblock.cli.main", "nbd", "-r", "-B", "zz", "-k",
+    res = subprocess.run([sys.executable, "-m", "qblock.cli.main", "nbd", "-r", "-B", "zz", "-k",
                           str(tmp_path / "s"), str(image)], env=env(), capture_output=True,
                          text=True, timeout=TIMEOUT)
     assert res.returncode == 1
