@@ -410,7 +410,7 @@ async def block_status_above(node: BlockNode, base: BlockNode | None, offset: in
     current: BlockNode | None = node
     while current is not None and current is not base:
         st = await block_status(current, offset, length)
-        if st.status & Status.ALLOCATED or st.pnum == 0:
+        if int(st.status) & _ALLOCATED or st.pnum == 0:
             return st, depth
         length = st.pnum
         edge = current.cow_child() or current.filtered_child()

@@ -161,7 +161,7 @@ class Converter:
         """
         words = np.frombuffer(buf, dtype=np.uint64, count=n * (SECTOR // 8)).reshape(n, -1)
         nonzero = words[:, 0] != 0
-        if nonzero.all():
+        if np.count_nonzero(nonzero) == n:
             return nonzero
         todo = np.flatnonzero(~nonzero)
         if len(todo) * 8 > n:

@@ -465,7 +465,7 @@ class ClusterMap:
         end = offset + length
         n = (end - 1) // cs - gc + 1
         if (not self.extended and offset % cs == 0 and end % cs == 0
-                and not slc.table[idx:idx + n].any()):
+                and not np.count_nonzero(slc.table[idx:idx + n])):
             return await self._allocate_whole(gc, n, data[:length], write_host,
                                               final=length == len(data))
         entries = slc.table[idx:idx + n].copy()
@@ -564,7 +564,7 @@ class ClusterMap:
             in_flight[2].set_result(None)
         slc = await self.get_writable_slice(gc)
         idx = gc % self.slice_entries
-        if slc.table[idx:idx + n].any():
+        if np.count_nonzero(slc.table[idx:idx + n]):
             await drv.refcounts.free(base, n * cs)
             return 0
         await drv.l2_depends_on_refcounts()

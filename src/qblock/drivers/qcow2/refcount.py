@@ -144,7 +144,7 @@ class Refcounts:
         if i + n <= rbe:
             # The sequential case: the clusters right at the hint are free.
             tbl = await self.block(rt)
-            if tbl is None or not tbl[i:i + n].any():
+            if tbl is None or not np.count_nonzero(tbl[i:i + n]):
                 return c
         run_start, run_len = c, 0
         while True:
@@ -384,9 +384,9 @@ class Refcounts:
                 continue
             tbl = await self.cache.get(block_offset)
             view = tbl[i:i + n]
-            if addend > 0 and (view > self.refcount_max - addend).any():
+            if addend > 0 and view.max() > self.refcount_max - addend:
                 raise RefcountError("Refcount overflow", errno=34)
-            if addend < 0 and (view < -addend).any():
+            if addend < 0 and view.min() < -addend:
                 raise RefcountError(f"Refcount of cluster {c_hex(c)} would become negative",
                                     errno=errno.EINVAL)
             parts.append((block_offset, tbl, i, n, c))
