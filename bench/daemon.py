@@ -19,10 +19,10 @@ from typing import TypeVar
 
 from qemu.qmp import QMPClient
 
+from bench.sockets import wait_listening
 from bench.workload import worker_env
 
 TIMEOUT = 600.0
-START_TIMEOUT = 30.0
 T = TypeVar("T")
 
 
@@ -47,12 +47,7 @@ async def with_daemon(side: str, script: Callable[[QMPClient], Awaitable[T]]) ->
                             env=worker_env() if side == "qblock" else None)
     client = QMPClient("bench")
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{side} daemon did not start: "
-                                   f"{proc.stderr.read().decode() if proc.stderr else ''}")
-            await asyncio.sleep(0.005)
+        wait_listening(sock, proc, f"{side} daemon")
         await client.connect(str(sock))
         result = await script(client)
         await client.execute("quit")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.scenario import Context, Measurement, Scenario, register
 from bench.scenarios.qcow2 import create_filled
+from bench.sockets import wait_listening
 from bench.workload import worker_env
 
 IMAGE_FACTOR = 2
@@ -52,11 +53,7 @@ def _serving(kind: str, ctx: Context) -> Iterator[str]:
     proc = subprocess.Popen(_daemon_argv(kind, ctx.files["image"], sock), env=worker_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{kind} daemon did not start: {proc.stderr.read()!r}")
-            time.sleep(0.02)
+        wait_listening(sock, proc, f"{kind} daemon")
         yield f"nbd+unix:///disk?socket={sock}"
     finally:
         proc.terminate()

@@ -16,8 +16,11 @@ from typing import Any, TypeVar
 
 import pytest
 
+from bench.sockets import listening
+
 QSD = shutil.which("qemu-storage-daemon")
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+REPO = Path(__file__).resolve().parents[2]
+SRC = str(REPO / "src")
 START_TIMEOUT = 20
 T = TypeVar("T")
 
@@ -55,27 +58,11 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-_SO_ACCEPTCON = 0x10000  # include/linux/net.h: the socket is listening
-
-
-def _listening(path: Path) -> bool:
-    """Whether a Unix socket at ``path`` accepts connections (/proc/net/unix): its file
-    appears at bind(), a moment before listen(), and a client connecting in between is
-    refused."""
-    with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & _SO_ACCEPTCON:
-                return True
-    return False
-
-
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Wait until a daemon listens on the Unix socket ``path``, without connecting to it."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if path.exists() and _listening(path):
+        if path.exists() and listening(path):
             return
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"daemon exited {proc.returncode}: "

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -12,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from bench.cli import parse_size  # noqa: E402
-from bench.scenarios import load_all  # noqa: E402
-from bench.workload import (  # noqa: E402
+from bench.cli import parse_size
+from bench.scenarios import load_all
+from bench.sockets import listening, wait_listening
+from bench.workload import (
     Workload,
     qemu_img_bench_argv,
     qemu_io_batches,
@@ -25,6 +24,7 @@ from bench.workload import (  # noqa: E402
     sequential,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 8 << 20
 
 
@@ -259,3 +259,24 @@ def test_paired_ratio_cancels_a_machine_that_drifts() -> None:
     out = io.StringIO()
     print_table([res], 5, out)
     assert "0.80 (0.33-0.80)" in out.getvalue()
+
+
+def test_a_bound_socket_is_not_listening_until_listen(tmp_path: Path) -> None:
+    """The race CI hit: the daemon's socket file exists from bind(), connects are refused
+    until listen(); the harness waits for listen() and never probes by connecting."""
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        assert path.exists() and not listening(path)
+        server.listen()
+        assert listening(path)
+    assert not listening(tmp_path / "other.sock")
+
+
+def test_waiting_for_a_daemon_that_exits_names_it(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('no monitor')"],
+                            stderr=subprocess.PIPE)
+    with pytest.raises(RuntimeError, match="test daemon did not start: no monitor"):
+        wait_listening(tmp_path / "never.sock", proc, "test daemon")
+    proc.wait()
+    proc.stderr.close()
