@@ -101,6 +101,25 @@ def test_convert_same_as_qemu(images: Path, qemu_tool: Tool,
     _same_result(qemu_tool, q, b, fmt)
 
 
+@pytest.mark.parametrize("evict", ["none", "second-half", "all"])
+def test_convert_reads_cached_and_evicted_source_pages_alike(
+        images: Path, qemu_tool: Tool, capsys: pytest.CaptureFixture[str], evict: str) -> None:
+    """Source data in the page cache is written from a view of it (no read copy); evicted
+    pages are read as usual.  Either way the target is qemu-img's."""
+    src = images / "base.qcow2"
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if evict != "none":  # clean pages go with fadvise DONTNEED, no privilege needed
+            start = size // 2 if evict == "second-half" else 0
+            os.posix_fadvise(fd, start, size - start, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert ours(capsys, "-O", "qcow2", src, "b.qcow2") == (0, "", "")
+    assert theirs(qemu_tool, "-O", "qcow2", src, "q.qcow2")[0] == 0
+    _same_result(qemu_tool, images / "q.qcow2", images / "b.qcow2", "qcow2")
+
+
 def test_convert_with_backing(images: Path, qemu_tool: Tool,
                               capsys: pytest.CaptureFixture[str]) -> None:
     """-B/-F: only what top.qcow2 itself allocates is copied; the rest stays with base."""

@@ -99,6 +99,24 @@ class BlockBackend:
         await self._account(AcctType.READ, length,
                             io.preadv(self.edge, offset, buf, flags))
 
+    async def read_view(self, offset: int, length: int) -> memoryview | None:
+        """``length`` bytes at ``offset`` as a read-only view, without a copy where the nodes
+        below can hand one out (io.read_view), else None: read them with preadv() instead.
+        A view returned counts as a read in the statistics."""
+        self._check(AcctType.READ, offset, length)
+        start = self.stats.start()
+        try:
+            view = await io.read_view(self.edge, offset, length)
+        except BaseException:
+            self.stats.failed(AcctType.READ, start)
+            raise
+        if view is not None:
+            self.stats.done(AcctType.READ, length, start)
+            if _t_preadv.enabled:
+                _t_preadv(blk=self.parent_desc(), bs=self.node.node_name, offset=offset,
+                          bytes=length, flags=0)
+        return view
+
     async def pread(self, offset: int, length: int) -> bytearray:
         if length < 0:
             self._check(AcctType.READ, offset, length)  # refuse before allocating a buffer

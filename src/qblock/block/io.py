@@ -202,6 +202,27 @@ async def preadv(child: BdrvChild, offset: int, buf: memoryview,
     await node_preadv(child.node, offset, buf, flags)
 
 
+async def node_read_view(node: BlockNode, offset: int, length: int) -> memoryview | None:
+    """``length`` bytes at ``offset`` of ``node`` as a read-only view without copying them
+    (BlockDriver.co_read_view), or None where the drivers cannot: then read them instead."""
+    check_request(offset, length)
+    if offset + length > node.length():
+        return None
+    node.in_flight += 1
+    try:
+        view = await node.drv.co_read_view(offset, length)
+    finally:
+        node.in_flight -= 1
+    if view is not None and _t_preadv.enabled:
+        _t_preadv(bs=node.node_name, offset=offset, bytes=length, flags=0)
+    return view
+
+
+async def read_view(child: BdrvChild, offset: int, length: int) -> memoryview | None:
+    """node_read_view() through an edge."""
+    return await node_read_view(child.node, offset, length)
+
+
 async def pread(child: BdrvChild, offset: int, length: int) -> bytearray:
     """Read ``length`` bytes into a new buffer."""
     buf = bytearray(length)

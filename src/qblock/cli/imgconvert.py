@@ -2,7 +2,9 @@
 
 Sources are concatenated; each range is classified by block status as data, zeroes or (with
 ``-B``) left to the target's backing file.  Data is read in chunks of up to 2 MiB by ``-m``
-workers at once.  Zero runs of at least ``-S`` bytes inside data are not written when the new
+workers at once; a chunk the page cache holds in one run of a read-only source file is taken
+as a view of those pages (AsyncDisk.blk.read_view) and written from there, without the copy
+into a buffer that qemu-img makes.  Zero runs of at least ``-S`` bytes inside data are not written when the new
 target reads as zeroes already.  With ``-c`` the chunks are whole clusters, which the qcow2
 driver compresses in parallel.  The target's cache mode is ``-t``, ``unsafe`` unless given
 (qemu-img's default for convert: flushes are no-ops).
@@ -151,6 +153,17 @@ class Converter:
             if length < chunk * SECTOR:
                 buf[pos * SECTOR + length:(pos + chunk) * SECTOR] = bytes(chunk * SECTOR - length)
             pos += chunk
+
+    async def _read_view(self, sector: int, n: int) -> memoryview | None:
+        """The chunk as a view of the source's cached pages, when one source holds all of it
+        and its drivers can hand one out (AsyncDisk.read_view): no read copy.  qemu-img
+        always reads into its buffer; the bytes written are the same."""
+        idx, start = self._select(sector)
+        src = self.sources[idx]
+        offset = (sector - start) * SECTOR
+        if offset + n * SECTOR > src.size:
+            return None
+        return await src.blk.read_view(offset, n * SECTOR)
 
     @staticmethod
     def _nonzero_sectors(buf: memoryview, n: int) -> np.ndarray:
@@ -325,9 +338,11 @@ class Converter:
             data = None
             runs: list[tuple[bool, int]] = []
             if kind is Kind.DATA:
-                data = buf[:n * SECTOR]
                 try:
-                    await self._read(sector, n, data)
+                    data = await self._read_view(sector, n)
+                    if data is None:
+                        data = buf[:n * SECTOR]
+                        await self._read(sector, n, data)
                 except QBlockError as e:
                     self._fail(f"error while reading at byte {sector * SECTOR}: "
                                f"{os.strerror(e.errno)}")

@@ -80,6 +80,11 @@ class BlockDriver:
     async def co_preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         raise NotSupported(f"Driver '{self.format_name}' cannot read")
 
+    async def co_read_view(self, offset: int, length: int) -> memoryview | None:
+        """The bytes at ``offset`` as a read-only view of memory that already holds them (a
+        page cache mapping), or None: the caller reads them into a buffer instead."""
+        return None
+
     async def co_pwritev(self, offset: int, data: memoryview, flags: ReqFlags) -> None:
         raise NotSupported(f"Driver '{self.format_name}' cannot write")
 

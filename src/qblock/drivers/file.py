@@ -3,8 +3,10 @@
 Data moves with os.preadv/os.pwritev on a thread pool (QEMU's aio=threads), so the GIL is
 released while the kernel copies; buffered writes to one file queue for one worker at a time
 (WriteQueue) and reads of cached pages are made inline.  ``cache.direct=on`` opens with
-O_DIRECT and bounces through page-aligned buffers.  Image locking uses OFD locks on the bytes
-QEMU uses, so qblock and QEMU processes see each other's locks.
+O_DIRECT and bounces through page-aligned buffers.  A read-only file that nobody may resize
+also hands out views of its cached pages (co_read_view): a copy needs no read copy.  Image
+locking uses OFD locks on the bytes QEMU uses, so qblock and QEMU processes see each other's
+locks.
 """
 from __future__ import annotations
 
@@ -272,6 +274,8 @@ class FileDriver(BlockDriver):
         self.nowait = hasattr(os, "RWF_NOWAIT")
         self.writes = WriteQueue(self._write_vector)
         self._lock_backup: set[int] | None = None
+        self._resize_shared = True  # until set_perm() says otherwise
+        self.cached_pages = CachedPages() if not self.is_block_device else None
 
     def _query_size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END)
@@ -280,6 +284,8 @@ class FileDriver(BlockDriver):
         return self.size
 
     async def close(self) -> None:
+        if getattr(self, "cached_pages", None) is not None:
+            self.cached_pages.release()
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)  # closing the fd drops its OFD locks
             self.fd = -1
@@ -298,11 +304,14 @@ class FileDriver(BlockDriver):
             self._lock_backup = None
 
     def set_perm(self, perm: Perm, shared: Perm) -> None:
+        self._resize_shared = bool(shared & Perm.RESIZE)
         if self.locks is not None:
             self.locks.apply(self.locks.wanted(perm, shared))
             self._lock_backup = None
 
     def reopen_read_only(self, read_only: bool) -> None:
+        if self.cached_pages is not None:
+            self.cached_pages.release()
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         if self.node.cache_direct:
             flags |= os.O_DIRECT
@@ -382,6 +391,26 @@ class FileDriver(BlockDriver):
                 raise
             self.nowait = False  # the filesystem does not support it
             return 0
+
+    async def co_read_view(self, offset: int, length: int) -> memoryview | None:
+        """The cached pages of [offset, offset+length) as a read-only view, or None.
+
+        Only where the file cannot change size under the view (a read access to a page past
+        a shrunk file's end is SIGBUS): the node is read-only, its locks are on and nobody
+        shares the resize permission, as for the file of a read-only format node.  Only when
+        every page is cached: a view must not stall the event loop on the disk.
+        """
+        if (self.cached_pages is None or not self.node.read_only or self.node.cache_direct
+                or self.locks is None or self._resize_shared or not 0 < length
+                or offset + length > self.size):
+            return None
+        try:
+            view = self.cached_pages.view(self.fd, offset, length, self.size)
+        except OSError as e:
+            raise _os_error(e, f"read at {offset} of '{self.filename}'") from None
+        if view is not None and _t_preadv.enabled:
+            _t_preadv(filename=self.filename, offset=offset, bytes=length)
+        return view
 
     async def co_pwritev(self, offset: int, data: memoryview, flags: ReqFlags) -> None:
         if _t_pwritev.enabled:
@@ -463,6 +492,53 @@ class FileDriver(BlockDriver):
 
     def allocated_file_size(self) -> int | None:
         return os.fstat(self.fd).st_blocks * 512
+
+
+class CachedPages:
+    """A read-only shared mapping of a file, mapped on first use: views of its cached pages.
+
+    mincore(2) tells which pages the page cache holds; a view is handed out only when it
+    holds all of them, so reading the view faults in no disk I/O (short of the kernel
+    evicting a page between the check and the access: the fault then reads it back).
+    """
+
+    def __init__(self) -> None:
+        self._map: mmap.mmap | None = None
+        self._address = 0
+
+    def view(self, fd: int, offset: int, length: int, size: int) -> memoryview | None:
+        """Bytes [offset, offset+length) of the file open as ``fd`` (``size`` bytes long),
+        if all cached."""
+        if self._map is None or len(self._map) < offset + length:
+            self.release()
+            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            self._address = _buffer_address(self._map)
+        first = offset - offset % mmap.PAGESIZE
+        span = offset + length - first
+        resident = ctypes.create_string_buffer(-(-span // mmap.PAGESIZE))
+        if _libc.mincore(ctypes.c_void_p(self._address + first), ctypes.c_size_t(span),
+                         resident):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        if b"\0" in resident.raw:  # bit 0 of each byte: the page is resident
+            return None
+        return memoryview(self._map)[offset:offset + length]
+
+    def release(self) -> None:
+        """Unmap now, or once the last view handed out is gone."""
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # views still alive keep the mapping until they go
+                pass
+            self._map = None
+
+
+def _buffer_address(buf: mmap.mmap) -> int:
+    """The address of a read-only mapping (ctypes' from_buffer wants a writable one)."""
+    import numpy as np  # imported on first use: it doubles the start-up time of every tool
+
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
 
 
 def _aligned(buf: memoryview) -> bool:

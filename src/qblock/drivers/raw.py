@@ -50,6 +50,9 @@ class RawDriver(BlockDriver):
     async def co_preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         await io.preadv(self.file, self._range(offset, len(buf)), buf, flags)
 
+    async def co_read_view(self, offset: int, length: int) -> memoryview | None:
+        return await io.read_view(self.file, self._range(offset, length), length)
+
     async def co_pwritev(self, offset: int, data: memoryview, flags: ReqFlags) -> None:
         await io.pwritev(self.file, self._range(offset, len(data)), data, flags)
 

@@ -516,6 +516,18 @@ class Qcow2Driver(BlockDriver):
             await self._read_runs(runs, buf, offset)
             pos = runs[-1].offset + runs[-1].length - offset
 
+    async def co_read_view(self, offset: int, length: int) -> memoryview | None:
+        return await self._guard(self._read_view(offset, length))
+
+    async def _read_view(self, offset: int, length: int) -> memoryview | None:
+        """A view of the file's bytes when [offset, offset+length) is one run of data
+        clusters, contiguous in the file."""
+        async with self.lock:
+            run = (await self.map.lookup(offset, length, first_only=True))[0]
+        if run.kind != DATA or run.length < length:
+            return None
+        return await io.read_view(self.file, run.host, length)
+
     async def _read_locked(self, offset: int, length: int) -> bytearray:
         """Current guest content, for copy-on-write; the caller holds the lock."""
         out = bytearray(length)
