@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="before each timed run: sync, pause this long, read the inputs "
                         "through again (default: each scenario's own, 0 for most; see "
                         "README, Settling)")
+    p.add_argument("--cold-memory", action="store_true",
+                   help="after settling, do not back free memory for the scenarios that do "
+                        "(see README, Backed memory)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p
 
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             print(f"{name}: {registry[name].description}", file=sys.stderr)
             results.append(run_scenario(registry[name], base, args.size, args.rounds,
-                                        keep=args.keep, settle=args.settle))
+                                        keep=args.keep, settle=args.settle,
+                                        back=not args.cold_memory))
     print_table(results, args.rounds)
     write_json(results, args.json, rounds=args.rounds, workdir=base)
     print(f"\nresults: {args.json}")

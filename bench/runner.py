@@ -6,6 +6,7 @@ round is its start-up run (when the scenario has one) followed by the real run.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import statistics
 import sys
@@ -14,6 +15,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+import numpy as np
 
 from bench.scenario import MIB, Context, Scenario
 
@@ -80,6 +83,7 @@ class ScenarioResult:
     scenario: Scenario
     size: int
     settle: float = 0.0
+    backed: int = 0
     sides: dict[str, SideSummary] = field(default_factory=dict)
     error: str | None = None
 
@@ -122,7 +126,7 @@ class ScenarioResult:
                                "ratio": self.ratio, "ratio_wall": self.ratio_wall,
                                "ratio_paired": self.ratio_paired,
                                "round_ratios": self.round_ratios,
-                               "settle_s": self.settle}
+                               "settle_s": self.settle, "back_memory_bytes": self.backed}
         out.update({side: summary.as_json() for side, summary in self.sides.items()})
         if self.error:
             out["error"] = self.error
@@ -139,43 +143,67 @@ def warm(path: Path) -> int:
     return done
 
 
-def _settle(seconds: float, ctx: Context) -> None:
+def back_memory(nbytes: int) -> None:
+    """Touch every page of ``nbytes`` of fresh anonymous memory, then release it: the kernel
+    hands the next allocations pages the host backs already (README, "Backed memory")."""
+    with mmap.mmap(-1, nbytes) as mem:
+        pages = np.frombuffer(mem, dtype=np.uint8)[::mmap.PAGESIZE]
+        pages[:] = 1
+        del pages
+
+
+def _settle(seconds: float, backed: int, ctx: Context) -> None:
     """Start a timed run from a quiet machine (README, "Settling"): nothing dirty to write
-    back, memory freed by the previous run given time to go where it goes, and the inputs
-    setup made cached again (the machine may have dropped some of them meanwhile)."""
+    back, memory freed by the previous run given time to go where it goes, the inputs setup
+    made cached again (the machine may have dropped some of them meanwhile) and, with
+    ``backed``, that much free memory backed by the host."""
     if seconds > 0:
         os.sync()
         time.sleep(seconds)
         for path in ctx.files.values():
             warm(path)
+        if backed:
+            back_memory(backed)
 
 
 def _run_side(scenario: Scenario, side: str, ctx: Context, rnd: int, position: int,
-              settle: float) -> RoundResult:
+              settle: float, backed: int) -> RoundResult:
     startup_fn = scenario.startup_qblock if side == "qblock" else scenario.startup_qemu
     run_fn = scenario.run_qblock if side == "qblock" else scenario.run_qemu
     startup = startup_fn(ctx) if startup_fn is not None else None
-    _settle(settle, ctx)
+    _settle(settle, backed, ctx)
     m = run_fn(ctx)
     return RoundResult(rnd, position, m.seconds, startup, m.invocations, m.amount, m.detail)
 
 
 def run_scenario(scenario: Scenario, base: Path, size: int, rounds: int, *, keep: bool = False,
-                 settle: float | None = None, log: TextIO = sys.stderr) -> ScenarioResult:
+                 settle: float | None = None, back: bool = True,
+                 log: TextIO = sys.stderr) -> ScenarioResult:
     """Set up, run ``rounds`` alternating rounds, tear down (always, unless ``keep``).
 
-    ``settle`` (default: the scenario's own) is the pause before each timed run.
+    ``settle`` (default: the scenario's own) is the pause before each timed run; ``back``
+    False leaves the memory a scenario would back as it is.  A scenario that settles first
+    runs each side once untimed: the first run after setup meets the machine busy writing
+    back what setup wrote, whichever side it is.
     """
     ctx = Context(dir=base / scenario.name, size=size)
     ctx.dir.mkdir(parents=True, exist_ok=True)
     result = ScenarioResult(scenario, size, settle=scenario.settle if settle is None else settle)
+    if result.settle > 0 and back:
+        free = os.sysconf("SC_AVPHYS_PAGES") * mmap.PAGESIZE
+        result.backed = min(int(scenario.back_memory * size), free // 2)
     per_side: dict[str, list[RoundResult]] = {side: [] for side in SIDES}
     try:
         scenario.setup(ctx)
+        for side in SIDES if result.settle > 0 else ():
+            res = _run_side(scenario, side, ctx, -1, 0, result.settle, result.backed)
+            print(f"  {scenario.name} warm-up    {side:<6} {res.seconds:8.3f} s wall "
+                  "(not counted)", file=log)
         for rnd in range(rounds):
             order = SIDES if rnd % 2 == 0 else SIDES[::-1]
             for position, side in enumerate(order):
-                res = _run_side(scenario, side, ctx, rnd, position, result.settle)
+                res = _run_side(scenario, side, ctx, rnd, position, result.settle,
+                                result.backed)
                 per_side[side].append(res)
                 startup = "" if res.startup is None else f", start-up {res.startup:.3f} s"
                 print(f"  {scenario.name} round {rnd + 1}/{rounds} {side:<6} "

@@ -68,6 +68,10 @@ class Scenario:
     # Before each timed run: os.sync(), a pause of this many seconds, the inputs read through
     # again (bench/README.md, "Settling"); ``--settle`` overrides it.
     settle: float = 0.0
+    # After settling: touch and release this many times ``--size`` of anonymous memory (at
+    # most half of what is free), so that the run's page cache grows in memory the host
+    # backs, as on bare metal (README, "Backed memory").
+    back_memory: float = 0.0
 
     def __post_init__(self) -> None:
         if self.unit not in ("MiB/s", "IOPS"):

@@ -11,8 +11,9 @@ to a fresh target (the previous one is removed, untimed).  Throughput counts the
   deflates to about 60 %); run it at ``--size 1G``, the size of issue 8.
 
 Start-up is the same command converting an empty 1 MiB qcow2 image.  The two uncompressed
-scenarios settle before each timed run (sync, 3 s pause, the source read through again): see
-bench/README.md, "Settling".
+scenarios settle before each timed run (sync, 3 s pause, the source read through again, --size
+of free memory backed), after one untimed run of each side: see
+bench/README.md, "Settling", "Backed memory" and "Warm-up".
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ PATTERN = 0x5A
 # back to back, runs alternate between fast and slow whatever the tool, and the source may be
 # partly dropped from the cache meanwhile (README, "Settling").
 SETTLE = 3.0
+# ... and each run's page cache then grows in memory the host backs (README, "Backed
+# memory"): as much as --size, twice what a target of the half-allocated source takes.
+BACK_MEMORY = 1.0
 
 
 def _qemu_img(*args: str) -> None:
@@ -91,7 +95,8 @@ def _run(side: str, args: list[str], src_key: str, ctx: Context) -> float:
 
 
 def _scenario(name: str, description: str, args: list[str],
-              setup: Callable[[Context], None], settle: float = 0.0) -> Scenario:
+              setup: Callable[[Context], None], settle: float = 0.0,
+              back_memory: float = 0.0) -> Scenario:
     def run(side: str) -> Runner:
         return lambda ctx: Measurement(_run(side, args, "src", ctx), ctx.size,
                                        detail={"bytes": ctx.size})
@@ -102,13 +107,14 @@ def _scenario(name: str, description: str, args: list[str],
     return Scenario(
         name=name, description=description, unit="MiB/s", setup=setup,
         run_qblock=run("qblock"), run_qemu=run("qemu"),
-        startup_qblock=startup("qblock"), startup_qemu=startup("qemu"), settle=settle)
+        startup_qblock=startup("qblock"), startup_qemu=startup("qemu"), settle=settle,
+        back_memory=back_memory)
 
 
 for _fmt in ("qcow2", "raw"):
     register(_scenario(f"convert-qcow2-to-{_fmt}",
                        f"convert a half-allocated qcow2 image to {_fmt} (vs qemu-img convert)",
-                       ["-O", _fmt], _setup, settle=SETTLE))
+                       ["-O", _fmt], _setup, settle=SETTLE, back_memory=BACK_MEMORY))
 register(_scenario("convert-compressed-1g",
                    "convert -c a raw image of text to compressed qcow2 (vs qemu-img convert)",
                    ["-c", "-O", "qcow2"], _setup_compressed))

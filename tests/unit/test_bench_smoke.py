@@ -179,7 +179,7 @@ def test_sizes_parse_like_qemu_img() -> None:
     assert parse_size("1.5k") == 1536
 
 
-def _clock_scenario(settle: float, events: list[tuple[str, float]]):
+def _clock_scenario(settle: float, events: list[tuple[str, float]], back_memory: float = 0.0):
     from bench.scenario import Measurement, Scenario
 
     def side(name: str):
@@ -194,28 +194,64 @@ def _clock_scenario(settle: float, events: list[tuple[str, float]]):
 
     return Scenario(name="clock", description="timing only", unit="MiB/s",
                     setup=lambda ctx: None, run_qblock=side("qblock"), run_qemu=side("qemu"),
-                    startup_qblock=startup, startup_qemu=startup, settle=settle)
+                    startup_qblock=startup, startup_qemu=startup, settle=settle,
+                    back_memory=back_memory)
 
 
 @pytest.mark.parametrize("override", [None, 0.0])
 def test_settle_pauses_before_every_timed_run(tmp_path: Path, override: float | None) -> None:
-    """A scenario's settle (or --settle) comes between its start-up run and each timed run."""
+    """A scenario's settle (or --settle) comes between its start-up run and each timed run;
+    a scenario that settles runs each side once untimed first."""
     from bench.runner import run_scenario
 
     events: list[tuple[str, float]] = []
+    log = io.StringIO()
     res = run_scenario(_clock_scenario(0.2, events), tmp_path, 1 << 20, 2, settle=override,
-                       log=io.StringIO())
+                       log=log)
     assert res.error is None
     expected = 0.2 if override is None else 0.0
     assert res.as_json()["settle_s"] == expected
-    assert [e for e, _ in events] == ["startup", "qblock", "startup", "qemu",
+    warm_up = ["startup", "qblock", "startup", "qemu"] if expected else []
+    assert [e for e, _ in events] == [*warm_up, "startup", "qblock", "startup", "qemu",
                                       "startup", "qemu", "startup", "qblock"]
+    assert ("warm-up" in log.getvalue()) == bool(expected)
+    assert [len(side.rounds) for side in res.sides.values()] == [2, 2]
     gaps = [b - a for (ea, a), (eb, b) in zip(events, events[1:]) if ea == "startup"]
-    assert len(gaps) == 4
+    assert len(gaps) == 4 + len(warm_up) // 2
     if expected:
         assert min(gaps) >= expected
     else:
         assert max(gaps) < 0.15
+
+
+@pytest.mark.parametrize(("settle", "back", "expected"),
+                         [(0.01, True, 512 << 10), (0.01, False, 0), (0.0, True, 0)])
+def test_memory_is_backed_after_settling_unless_cold_memory(
+        tmp_path: Path, settle: float, back: bool, expected: int) -> None:
+    """back_memory is a share of --size (half of 1 MiB here), backed only where the scenario
+    settles and --cold-memory is not given; the JSON says how much."""
+    from bench.runner import run_scenario
+
+    res = run_scenario(_clock_scenario(settle, [], back_memory=0.5), tmp_path, 1 << 20, 1,
+                       back=back, log=io.StringIO())
+    assert res.error is None
+    assert res.as_json()["back_memory_bytes"] == expected
+
+
+def test_backing_memory_touches_and_releases_it() -> None:
+    """In a fresh process: the peak resident size grows by the memory backed, the resident
+    size does not keep it."""
+    code = ("from bench.runner import back_memory\n"
+            "def kib(key):\n"
+            "    with open('/proc/self/status') as f:\n"
+            "        return next(int(l.split()[1]) for l in f if l.startswith(key))\n"
+            "before = kib('VmHWM:')\n"
+            "back_memory(64 << 20)\n"
+            "print(before, kib('VmHWM:'), kib('VmRSS:'))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), check=True,
+                         capture_output=True, text=True).stdout
+    before, peak, rss = map(int, out.split())
+    assert peak - before >= 63 << 10 and peak - rss >= 63 << 10  # KiB
 
 
 def test_warm_reads_a_file_through(tmp_path: Path) -> None:

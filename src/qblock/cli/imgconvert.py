@@ -3,11 +3,11 @@
 Sources are concatenated; each range is classified by block status as data, zeroes or (with
 ``-B``) left to the target's backing file.  Data is read in chunks of up to 2 MiB by ``-m``
 workers at once; a chunk the page cache holds in one run of a read-only source file is taken
-as a view of those pages (AsyncDisk.blk.read_view) and written from there, without the copy
-into a buffer that qemu-img makes.  Zero runs of at least ``-S`` bytes inside data are not written when the new
-target reads as zeroes already.  With ``-c`` the chunks are whole clusters, which the qcow2
-driver compresses in parallel.  The target's cache mode is ``-t``, ``unsafe`` unless given
-(qemu-img's default for convert: flushes are no-ops).
+as a view of those pages (BlockBackend.read_view) and written from there, without the copy
+into a buffer that qemu-img makes.  Zero runs of at least ``-S`` bytes inside data are not
+written when the new target reads as zeroes already.  With ``-c`` the chunks are whole
+clusters, which the qcow2 driver compresses in parallel.  The target's cache mode is ``-t``,
+``unsafe`` unless given (qemu-img's default for convert: flushes are no-ops).
 
 Write order: qemu-img keeps writes in order (wr_in_order, unless ``-W``) so that a format
 target allocates its clusters in guest order.  Here that holds for a qcow2 target only, and
@@ -156,7 +156,7 @@ class Converter:
 
     async def _read_view(self, sector: int, n: int) -> memoryview | None:
         """The chunk as a view of the source's cached pages, when one source holds all of it
-        and its drivers can hand one out (AsyncDisk.read_view): no read copy.  qemu-img
+        and its drivers can hand one out (BlockBackend.read_view): no read copy.  qemu-img
         always reads into its buffer; the bytes written are the same."""
         idx, start = self._select(sector)
         src = self.sources[idx]
