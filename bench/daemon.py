@@ -6,7 +6,6 @@ non-zero exit or anything on stderr.
 """
 from __future__ import annotations
 
-import asyncio
 import shutil
 import signal
 import subprocess
