@@ -163,6 +163,22 @@ async def watch(client: QMPClient, interval: float, view: PlainView | RichView) 
         view.event("-", "no jobs")
         return
     ended: set[str] = {job for job, status in watched.items() if status in FINAL}
+
+    def on_event(event: dict[str, Any]) -> None:
+        job, text = _describe(event)
+        if job not in watched or not (event["event"] == "JOB_STATUS_CHANGE"
+                                      or event["event"] in BLOCK_EVENTS):
+            return
+        data = event.get("data", {})
+        if event["event"] == "BLOCK_JOB_COMPLETED" and "len" in data:
+            last[job] = dataclasses.replace(last[job], current=data["offset"], total=data["len"])
+            view.progress(last[job])
+        view.event(job, text)
+        if event["event"] == "JOB_STATUS_CHANGE":
+            watched[job] = data["status"]
+            if watched[job] == "null":
+                ended.add(job)
+
     loop = asyncio.get_running_loop()
     next_poll = loop.time() + interval
     while len(ended) < len(watched):
@@ -171,22 +187,14 @@ async def watch(client: QMPClient, interval: float, view: PlainView | RichView) 
         except asyncio.TimeoutError:
             event = None
         if event is not None:
-            job, text = _describe(event)
-            if job in watched and (event["event"] == "JOB_STATUS_CHANGE"
-                                   or event["event"] in BLOCK_EVENTS):
-                data = event.get("data", {})
-                if event["event"] == "BLOCK_JOB_COMPLETED" and "len" in data:
-                    last[job] = dataclasses.replace(last[job], current=data["offset"],
-                                                    total=data["len"])
-                    view.progress(last[job])
-                view.event(job, text)
-                if event["event"] == "JOB_STATUS_CHANGE":
-                    watched[job] = event["data"]["status"]
-                    if watched[job] == "null":
-                        ended.add(job)
+            on_event(event)
             continue
         next_poll = loop.time() + interval
         current = {r.id: r for r in await _query(client)}
+        # the events sent before the reply are queued by now: shown first, in their order,
+        # so that a poll never reports a job ended before the events that ended it
+        while not listener.empty():
+            on_event(await listener.get())
         for job in set(watched) - ended:
             if job not in current:
                 view.event(job, "gone")
