@@ -222,3 +222,41 @@ def test_a_view_is_traced_at_every_layer_as_it_is_handed_up(image: tuple[Path, b
         "file_co_preadv", "bdrv_co_preadv_part", "bdrv_co_preadv_part", "blk_co_preadv"]
     assert [fields["offset"] for _, fields in records] == [host, host, CLUSTER, CLUSTER]
     assert {fields["bytes"] for _, fields in records} == {4096}
+
+
+def test_unallocated_clusters_come_as_a_view_of_the_backing_file(tmp_path: Path) -> None:
+    """Clusters top.qcow2 leaves to its backing file are viewed there; a range that mixes
+    top's own data with them, or reaches past the shorter backing file, is read."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+
+    async def make() -> tuple[bytes | None, bytes | None, bytes | None, bytes]:
+        await create(str(base), 4 * CLUSTER, cluster_size=CLUSTER)
+        disk = await api.open_async(str(base), driver="qcow2")
+        try:
+            await disk.write(0, _pattern(4 * CLUSTER, 7))
+        finally:
+            await disk.close()
+        await create(str(top), 8 * CLUSTER, cluster_size=CLUSTER, backing_file=str(base),
+                     backing_fmt="qcow2")
+        disk = await api.open_async(str(top), driver="qcow2")
+        try:
+            await disk.write(0, _pattern(CLUSTER, 8))
+        finally:
+            await disk.close()
+        _warm(base)
+        _warm(top)
+        disk = await api.open_async(str(top), driver="qcow2", read_only=True)
+        try:
+            views = []
+            for offset, length in ((CLUSTER, 2 * CLUSTER), (0, 2 * CLUSTER),
+                                   (3 * CLUSTER, 2 * CLUSTER)):
+                view = await disk.blk.read_view(offset, length)
+                views.append(None if view is None else bytes(view))
+                del view
+            return views[0], views[1], views[2], await disk.read(CLUSTER, 2 * CLUSTER)
+        finally:
+            await disk.close()
+
+    from_base, mixed, past_base, read = asyncio.run(make())
+    assert from_base == read == _pattern(4 * CLUSTER, 7)[CLUSTER:3 * CLUSTER]
+    assert mixed is None and past_base is None

@@ -521,12 +521,18 @@ class Qcow2Driver(BlockDriver):
 
     async def _read_view(self, offset: int, length: int) -> memoryview | None:
         """A view of the file's bytes when [offset, offset+length) is one run of data
-        clusters, contiguous in the file."""
+        clusters, contiguous in the file; the backing file's view when it is one run of
+        unallocated clusters that the backing file covers (_read_backing() otherwise)."""
         async with self.lock:
             run = (await self.map.lookup(offset, length, first_only=True))[0]
-        if run.kind != DATA or run.length < length:
+        if run.length < length:
             return None
-        return await io.read_view(self.file, run.host, length)
+        if run.kind == DATA:
+            return await io.read_view(self.file, run.host, length)
+        backing = self.node.backing
+        if run.kind == UNALLOC and backing is not None:
+            return await io.read_view(backing, offset, length)
+        return None
 
     async def _read_locked(self, offset: int, length: int) -> bytearray:
         """Current guest content, for copy-on-write; the caller holds the lock."""
