@@ -57,6 +57,16 @@ async def _make(path: Path) -> bytes:
     return bytes(model)
 
 
+async def _filled(path: Path, size: int, data: bytes, **create_args: str) -> None:
+    """A new qcow2 image of ``size`` with ``data`` written at 0."""
+    await create(str(path), size, cluster_size=CLUSTER, **create_args)
+    disk = await api.open_async(str(path), driver="qcow2")
+    try:
+        await disk.write(0, data)
+    finally:
+        await disk.close()
+
+
 def _drop_cache(path: Path) -> None:
     """Evict the file's clean pages (fadvise DONTNEED needs no privilege)."""
     fd = os.open(path, os.O_RDONLY)
@@ -136,15 +146,7 @@ def test_no_view_of_pages_not_in_the_page_cache(tmp_path: Path) -> None:
     (and the kernel's readahead around it)."""
     path = tmp_path / "big.qcow2"
 
-    async def fill() -> None:
-        await create(str(path), 64 * CLUSTER, cluster_size=CLUSTER)
-        disk = await api.open_async(str(path), driver="qcow2")
-        try:
-            await disk.write(0, _pattern(64 * CLUSTER, 5))
-        finally:
-            await disk.close()
-
-    asyncio.run(fill())
+    asyncio.run(_filled(path, 64 * CLUSTER, _pattern(64 * CLUSTER, 5)))
     last = 63 * CLUSTER
     _drop_cache(path)
     assert asyncio.run(_view(path, last, CLUSTER, read_only=True)) is None
@@ -230,19 +232,9 @@ def test_unallocated_clusters_come_as_a_view_of_the_backing_file(tmp_path: Path)
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
 
     async def make() -> tuple[bytes | None, bytes | None, bytes | None, bytes]:
-        await create(str(base), 4 * CLUSTER, cluster_size=CLUSTER)
-        disk = await api.open_async(str(base), driver="qcow2")
-        try:
-            await disk.write(0, _pattern(4 * CLUSTER, 7))
-        finally:
-            await disk.close()
-        await create(str(top), 8 * CLUSTER, cluster_size=CLUSTER, backing_file=str(base),
-                     backing_fmt="qcow2")
-        disk = await api.open_async(str(top), driver="qcow2")
-        try:
-            await disk.write(0, _pattern(CLUSTER, 8))
-        finally:
-            await disk.close()
+        await _filled(base, 4 * CLUSTER, _pattern(4 * CLUSTER, 7))
+        await _filled(top, 8 * CLUSTER, _pattern(CLUSTER, 8), backing_file=str(base),
+                      backing_fmt="qcow2")
         _warm(base)
         _warm(top)
         disk = await api.open_async(str(top), driver="qcow2", read_only=True)
