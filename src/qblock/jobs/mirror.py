@@ -15,6 +15,7 @@ import numpy as np
 
 from qblock.block import io
 from qblock.block.backend import BlockBackend
+from qblock.block.buffer import blockalign
 from qblock.block.graph import detach_child, refresh_perms, replace_node
 from qblock.block.node import BlockNode, unref_if_unused
 from qblock.block.perm import PERM_ALL, PERM_NONE, Perm
@@ -127,6 +128,7 @@ class MirrorJob(BlockJob):
             raise
         self.granularity = granularity or default_granularity(target)
         self.dirty = np.zeros(-(-source.length() // self.granularity), dtype=bool)
+        self._buffer: memoryview | None = None  # one copy at a time: one buffer, reused
         drv = self.filter.drv
         assert isinstance(drv, FilterTopDriver)
         self.filter_drv = drv
@@ -201,8 +203,10 @@ class MirrorJob(BlockJob):
             method, io_bytes = await self._method(offset, end - offset)
             io_bytes = min(io_bytes, end - offset)  # mirror_clip_bytes()
             if method is _Method.COPY:
-                buf = bytearray(io_bytes)
-                await io.node_preadv(self.top, offset, memoryview(buf))
+                if self._buffer is None or len(self._buffer) < io_bytes:
+                    self._buffer = blockalign(max(io_bytes, MAX_IO_BYTES))
+                buf = self._buffer[:io_bytes]
+                await io.node_preadv(self.top, offset, buf)
             try:
                 if method is _Method.COPY:
                     await self.target.pwritev(offset, buf)
