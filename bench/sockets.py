@@ -25,12 +25,15 @@ def listening(path: Path) -> bool:
     return False
 
 
-def wait_listening(path: Path, proc: subprocess.Popen[bytes], what: str,
-                   timeout: float = START_TIMEOUT) -> None:
-    """Wait until ``proc`` listens on ``path``; RuntimeError if it exits or ``timeout`` passes."""
+def wait_listening(path: Path, proc: subprocess.Popen[bytes] | None = None,
+                   what: str = "daemon", timeout: float = START_TIMEOUT) -> None:
+    """Wait until ``proc`` listens on ``path``; RuntimeError if it exits (with what it wrote
+    to a piped stderr) or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while not (path.exists() and listening(path)):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start: "
-                               f"{proc.stderr.read().decode() if proc.stderr else ''}")
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"{what} exited with status {proc.returncode}: {err}")
+        if time.monotonic() > deadline:  # a running process's stderr would block: not read
+            raise RuntimeError(f"{what} did not listen on {path} within {timeout:g} s")
         time.sleep(0.005)

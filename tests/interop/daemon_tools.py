@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,12 +15,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from bench.sockets import listening
+from bench.sockets import wait_listening as wait_for_socket
 
 QSD = shutil.which("qemu-storage-daemon")
-REPO = Path(__file__).resolve().parents[2]
-SRC = str(REPO / "src")
-START_TIMEOUT = 20
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 T = TypeVar("T")
 
 
@@ -56,19 +53,6 @@ def qblock_daemon_argv(*args: str) -> list[str]:
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until a daemon listens on the Unix socket ``path``, without connecting to it."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if path.exists() and listening(path):
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"daemon exited {proc.returncode}: "
-                                 f"{proc.stderr.read().decode() if proc.stderr else ''}")
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not appear")
 
 
 @contextmanager

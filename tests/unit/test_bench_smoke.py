@@ -312,7 +312,21 @@ def test_a_bound_socket_is_not_listening_until_listen(tmp_path: Path) -> None:
 def test_waiting_for_a_daemon_that_exits_names_it(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit('no monitor')"],
                             stderr=subprocess.PIPE)
-    with pytest.raises(RuntimeError, match="test daemon did not start: no monitor"):
+    with pytest.raises(RuntimeError, match="test daemon exited with status 1: no monitor"):
         wait_listening(tmp_path / "never.sock", proc, "test daemon")
     proc.wait()
     proc.stderr.close()
+
+
+def test_waiting_past_the_timeout_names_the_socket(tmp_path: Path) -> None:
+    """A daemon still running but not listening: the wait gives up without reading its
+    stderr (that would block until it exits)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                            stderr=subprocess.PIPE)
+    try:
+        with pytest.raises(RuntimeError, match=r"did not listen on .*never.sock within 0.2 s"):
+            wait_listening(tmp_path / "never.sock", proc, timeout=0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
