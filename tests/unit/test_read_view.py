@@ -141,6 +141,23 @@ def test_no_view_where_the_file_may_change_under_it(image: tuple[Path, bytes],
     assert asyncio.run(_view(path, 0, CLUSTER, **open_args)) is None
 
 
+def test_no_view_without_locks(image: tuple[Path, bytes]) -> None:
+    """locking=off: nothing keeps another process from shrinking the file under a view."""
+    path, _ = image
+    _warm(path)
+
+    async def view() -> memoryview | None:
+        disk = await api.open_async({"driver": "qcow2", "file": {
+            "driver": "file", "filename": str(path), "locking": "off"}}, read_only=True)
+        try:
+            return await disk.blk.read_view(0, CLUSTER)
+        finally:
+            await disk.close()
+
+    assert asyncio.run(view()) is None
+    assert asyncio.run(_view(path, 0, CLUSTER, read_only=True)) is not None
+
+
 def test_no_view_of_pages_not_in_the_page_cache(tmp_path: Path) -> None:
     """The last of 64 data clusters: far from the metadata that opening the image reads
     (and the kernel's readahead around it)."""
